@@ -1,0 +1,1 @@
+//! Admin listener (its own thread): /health, /ping, /metrics.

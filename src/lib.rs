@@ -1,0 +1,7 @@
+//! llmproxy: a thread-per-core io_uring LLM API gateway.
+
+pub mod admin;
+pub mod config;
+pub mod metrics;
+pub mod mock;
+pub mod stats;

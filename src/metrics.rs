@@ -1,0 +1,1 @@
+//! Prometheus text rendering (admin thread) of the merged statistics.

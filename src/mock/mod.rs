@@ -1,0 +1,1 @@
+//! Mock OpenAI-compatible LLM upstream for tests, benchmarks and the first run.
