@@ -131,7 +131,7 @@ pub enum HeaderOp {
 /// Circuit breaker settings (`upstreams[].breaker`), always present (defaults when absent).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Breaker {
-    /// Whether the YAML had a `breaker` block (LLMProxy: breaker is opt-in).
+    /// `enabled` (default true): breakers guard every upstream unless switched off.
     pub enabled: bool,
     /// `threshold` (failure ratio, default 0.5, 0.01–1.0).
     pub threshold: f64,
