@@ -1,7 +1,14 @@
 //! llmproxy: a thread-per-core io_uring LLM API gateway.
 
 pub mod admin;
+pub mod app;
+pub mod cli;
 pub mod config;
+pub mod http;
+pub mod io;
 pub mod metrics;
 pub mod mock;
+pub mod proxy;
+pub mod shard;
 pub mod stats;
+pub mod upstream;

@@ -1,0 +1,263 @@
+//! Process lifecycle (startup and the main thread): config, listeners, shards, the control
+//! thread, the admin listener, signals and drain.
+
+use std::net::ToSocketAddrs;
+use std::process::ExitCode;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::cli::{Cli, DriverArg};
+use crate::config::{self, Config, Driver};
+use crate::shard::{self, listener, Shared};
+use crate::stats::ShardStats;
+
+/// Loads the config named on the command line, or the embedded default.
+pub fn load_config(cli: &Cli) -> Result<Config, String> {
+    let (source, res) = match &cli.config {
+        Some(path) => (path.display().to_string(), config::load_file(path)),
+        None => (
+            "embedded config.default.yaml".to_string(),
+            config::load_str(config::DEFAULT_YAML),
+        ),
+    };
+    res.map_err(|errs| {
+        let n = errs.0.len();
+        format!(
+            "configuration {source} has {n} error{}:\n{errs}",
+            if n == 1 { "" } else { "s" }
+        )
+    })
+}
+
+fn init_logging(cli: &Cli) {
+    let level = if cli.debug {
+        "debug"
+    } else {
+        cli.log_level.as_str()
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_writer(std::io::stderr);
+    if cli.json {
+        builder.json().init();
+    } else {
+        builder.with_ansi(false).init();
+    }
+}
+
+/// Resolves every upstream host once at startup (a shard never blocks on DNS).
+fn resolve_upstreams(cfg: &Config) -> Result<Vec<std::net::SocketAddr>, String> {
+    cfg.upstreams
+        .iter()
+        .enumerate()
+        .map(|(i, u)| {
+            (u.host.as_str(), u.port)
+                .to_socket_addrs()
+                .map_err(|e| {
+                    format!(
+                        "upstreams[{i}] ({}): cannot resolve {}: {e}",
+                        u.name, u.host
+                    )
+                })?
+                .next()
+                .ok_or_else(|| format!("upstreams[{i}] ({}): {} has no address", u.name, u.host))
+        })
+        .collect()
+}
+
+/// Runs the proxy; returns the process exit code.
+pub fn run(cli: Cli) -> ExitCode {
+    init_logging(&cli);
+    let mut cfg = match load_config(&cli) {
+        Ok(c) => c,
+        Err(msg) => {
+            eprintln!("llmproxyd: {msg}");
+            return ExitCode::from(1);
+        }
+    };
+    if let Some(n) = cli.shards {
+        cfg.runtime.shards = n as usize;
+    }
+    if let Some(d) = cli.driver {
+        cfg.runtime.driver = match d {
+            DriverArg::Auto => Driver::Auto,
+            DriverArg::Uring => Driver::Uring,
+            DriverArg::Epoll => Driver::Epoll,
+        };
+    }
+    if let Some(s) = cli.shutdown_timeout {
+        cfg.runtime.shutdown_timeout = Duration::from_secs(s);
+    }
+    let addrs = match resolve_upstreams(&cfg) {
+        Ok(a) => a,
+        Err(msg) => {
+            eprintln!("llmproxyd: {msg}");
+            return ExitCode::from(1);
+        }
+    };
+    if cli.test {
+        println!(
+            "llmproxyd: configuration {} is valid",
+            cli.config
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| "(embedded default)".into())
+        );
+        return ExitCode::SUCCESS;
+    }
+    match serve(cfg, addrs) {
+        Ok(code) => code,
+        Err(msg) => {
+            eprintln!("llmproxyd: {msg}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn shard_count(cfg: &Config) -> usize {
+    if cfg.runtime.shards > 0 {
+        return cfg.runtime.shards;
+    }
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+pub fn serve(cfg: Config, addrs: Vec<std::net::SocketAddr>) -> Result<ExitCode, String> {
+    let signals = block_signals();
+    let cfg = Arc::new(cfg);
+    let shards = shard_count(&cfg);
+    let driver = shard::resolve_driver(cfg.runtime.driver);
+
+    // Listening sockets: probe each address without SO_REUSEPORT first, so a port held by
+    // another process (or a second llmproxyd) fails loudly instead of being shared.
+    for f in &cfg.forwards {
+        listener::probe_free(f.listen)
+            .map_err(|e| format!("forward {}: cannot listen on {}: {e}", f.name, f.listen))?;
+    }
+    let mut per_shard = Vec::with_capacity(shards);
+    for _ in 0..shards {
+        let mut ls = Vec::with_capacity(cfg.forwards.len());
+        for f in &cfg.forwards {
+            ls.push(
+                listener::bind_reuseport(f.listen).map_err(|e| {
+                    format!("forward {}: cannot listen on {}: {e}", f.name, f.listen)
+                })?,
+            );
+        }
+        per_shard.push(ls);
+    }
+    for f in &cfg.forwards {
+        tracing::info!(
+            forward = %f.name,
+            listen = %f.listen,
+            group = %cfg.groups[f.default_group].name,
+            routes = f.routes.len(),
+            "forward listening"
+        );
+    }
+
+    let shared = Arc::new(Shared {
+        config: cfg.clone(),
+        addrs,
+        draining: AtomicBool::new(false),
+        serving: AtomicUsize::new(0),
+    });
+    let cores = core_affinity::get_core_ids().unwrap_or_default();
+    let mut handles = Vec::with_capacity(shards);
+    for (id, listeners) in per_shard.into_iter().enumerate() {
+        let shared = shared.clone();
+        let core = (!cores.is_empty()).then(|| cores[id % cores.len()]);
+        let allow_fallback = cfg.runtime.driver == Driver::Auto;
+        let h = std::thread::Builder::new()
+            .name(format!("shard-{id}"))
+            .spawn(move || {
+                if let Some(core) = core {
+                    core_affinity::set_for_current(core);
+                }
+                let cfg = shared.config.clone();
+                let res = shard::run_shard(
+                    id,
+                    driver,
+                    allow_fallback,
+                    shared,
+                    listeners,
+                    || Rc::new(ShardStats::default()),
+                    |_| {},
+                    |_| {},
+                );
+                if let Err(e) = res {
+                    tracing::error!(shard = id, error = %e, "shard failed");
+                }
+                drop(cfg);
+            })
+            .map_err(|e| format!("cannot start shard thread: {e}"))?;
+        handles.push(h);
+    }
+    tracing::info!(
+        shards,
+        driver = driver.name(),
+        version = env!("CARGO_PKG_VERSION"),
+        "llmproxyd started"
+    );
+
+    // Wait for the first signal, then drain.
+    let first = signals
+        .recv()
+        .map_err(|_| "signal thread ended".to_string())?;
+    let deadline = Instant::now() + cfg.runtime.shutdown_timeout;
+    tracing::info!(
+        signal = first,
+        timeout_s = cfg.runtime.shutdown_timeout.as_secs(),
+        "shutting down: no new connections; letting in-flight requests finish"
+    );
+    shared.draining.store(true, Ordering::SeqCst);
+    loop {
+        if handles.iter().all(|h| h.is_finished()) {
+            break;
+        }
+        if Instant::now() >= deadline {
+            tracing::warn!("shutdown timeout reached; closing remaining connections");
+            return Ok(ExitCode::SUCCESS);
+        }
+        if let Ok(sig) = signals.recv_timeout(Duration::from_millis(20)) {
+            tracing::warn!(signal = sig, "second signal: exiting now");
+            return Ok(ExitCode::from(1));
+        }
+    }
+    for h in handles {
+        let _ = h.join();
+    }
+    tracing::info!("shutdown complete");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Blocks SIGINT/SIGTERM in this thread (and so in every thread spawned after) and delivers
+/// them through a channel from a dedicated `sigwait` thread.
+fn block_signals() -> crossbeam::channel::Receiver<i32> {
+    // SAFETY: plain libc signal-mask calls on a zero-initialised sigset_t.
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    };
+    let (tx, rx) = crossbeam::channel::unbounded();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || loop {
+            let mut sig: libc::c_int = 0;
+            // SAFETY: `set` is a valid signal set; sigwait writes one int.
+            let rc = unsafe { libc::sigwait(&set, &mut sig) };
+            if rc == 0 && tx.send(sig).is_err() {
+                return;
+            }
+        })
+        .expect("spawn signal thread");
+    rx
+}

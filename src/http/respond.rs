@@ -1,0 +1,254 @@
+//! Responses the proxy writes itself (shard): the response head encoder used for relayed
+//! answers, and canned JSON errors in the OpenAI error shape.
+
+use bytes::BytesMut;
+use http::{HeaderMap, StatusCode};
+
+use super::head::{connection_listed, is_hop_by_hop};
+
+/// How the body the proxy sends to the client is framed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyOut {
+    /// No body (HEAD, 204, 304) — upstream's Content-Length is kept for HEAD.
+    None,
+    /// `Content-Length: n`.
+    Length(u64),
+    /// `Transfer-Encoding: chunked`.
+    Chunked,
+    /// Until close (HTTP/1.0 client and a body of unknown length).
+    Close,
+}
+
+/// Appends a response head: status line, the upstream's end-to-end headers, then framing and
+/// connection headers chosen by the proxy.
+pub fn encode_response_head(
+    out: &mut BytesMut,
+    status: StatusCode,
+    headers: &HeaderMap,
+    body: BodyOut,
+    keep_alive: bool,
+    keep_upstream_length: bool,
+) {
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.extend_from_slice(b" ");
+    out.extend_from_slice(status.canonical_reason().unwrap_or("Unknown").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in headers {
+        let is_length = name == http::header::CONTENT_LENGTH;
+        if (is_hop_by_hop(name) && !(is_length && keep_upstream_length))
+            || connection_listed(headers, name)
+        {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    match body {
+        BodyOut::None => {}
+        BodyOut::Length(n) => {
+            out.extend_from_slice(b"content-length: ");
+            out.extend_from_slice(itoa_u64(n).as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        BodyOut::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        BodyOut::Close => {}
+    }
+    if !keep_alive || body == BodyOut::Close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+fn itoa_u64(n: u64) -> String {
+    n.to_string()
+}
+
+/// An error the proxy answers itself, in the OpenAI error shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ErrorReply {
+    pub status: StatusCode,
+    /// OpenAI `error.type`.
+    pub kind: &'static str,
+    /// OpenAI `error.code` and our metric label.
+    pub code: &'static str,
+    pub message: &'static str,
+}
+
+impl ErrorReply {
+    pub const fn new(
+        status: u16,
+        kind: &'static str,
+        code: &'static str,
+        message: &'static str,
+    ) -> Self {
+        let status = match StatusCode::from_u16(status) {
+            Ok(s) => s,
+            Err(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ErrorReply {
+            status,
+            kind,
+            code,
+            message,
+        }
+    }
+}
+
+/// Appends a complete error response (head and JSON body).
+pub fn encode_error(out: &mut BytesMut, e: &ErrorReply, keep_alive: bool, extra: &[(&str, &str)]) {
+    let body = format!(
+        "{{\"error\":{{\"message\":{},\"type\":\"{}\",\"code\":\"{}\"}}}}\n",
+        json_string(e.message),
+        e.kind,
+        e.code
+    );
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(e.status.as_str().as_bytes());
+    out.extend_from_slice(b" ");
+    out.extend_from_slice(e.status.canonical_reason().unwrap_or("Error").as_bytes());
+    out.extend_from_slice(b"\r\ncontent-type: application/json\r\ncontent-length: ");
+    out.extend_from_slice(body.len().to_string().as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (k, v) in extra {
+        out.extend_from_slice(k.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(v.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if !keep_alive {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(body.as_bytes());
+}
+
+/// A JSON string literal.
+pub fn json_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// The errors the proxy can answer, in one table.
+pub mod errors {
+    use super::ErrorReply;
+
+    pub const BAD_REQUEST: ErrorReply = ErrorReply::new(
+        400,
+        "invalid_request_error",
+        "bad_request",
+        "malformed HTTP request",
+    );
+    pub const HEAD_TOO_LARGE: ErrorReply = ErrorReply::new(
+        431,
+        "invalid_request_error",
+        "request_header_fields_too_large",
+        "request head too large",
+    );
+    pub const BODY_TOO_LARGE: ErrorReply = ErrorReply::new(
+        413,
+        "invalid_request_error",
+        "payload_too_large",
+        "request body too large",
+    );
+    pub const HEAD_TIMEOUT: ErrorReply = ErrorReply::new(
+        408,
+        "invalid_request_error",
+        "request_timeout",
+        "request not received in time",
+    );
+    pub const EXPECTATION: ErrorReply = ErrorReply::new(
+        417,
+        "invalid_request_error",
+        "expectation_failed",
+        "only Expect: 100-continue is supported",
+    );
+    pub const UPSTREAM_UNREACHABLE: ErrorReply = ErrorReply::new(
+        502,
+        "server_error",
+        "upstream_unreachable",
+        "could not connect to the upstream",
+    );
+    pub const UPSTREAM_BAD_RESPONSE: ErrorReply = ErrorReply::new(
+        502,
+        "server_error",
+        "upstream_bad_response",
+        "the upstream closed the connection or sent an invalid response",
+    );
+    pub const UPSTREAM_TIMEOUT: ErrorReply = ErrorReply::new(
+        504,
+        "server_error",
+        "upstream_timeout",
+        "the upstream did not answer in time",
+    );
+    pub const NO_UPSTREAM: ErrorReply = ErrorReply::new(
+        503,
+        "server_error",
+        "no_upstream_available",
+        "no upstream available in the group",
+    );
+    pub const SHUTTING_DOWN: ErrorReply = ErrorReply::new(
+        503,
+        "server_error",
+        "shutting_down",
+        "the proxy is shutting down",
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_body_is_openai_shaped_json() {
+        let mut out = BytesMut::new();
+        encode_error(&mut out, &errors::UPSTREAM_TIMEOUT, false, &[]);
+        let text = String::from_utf8(out.to_vec()).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 504 Gateway Timeout\r\n"));
+        assert!(head.contains("connection: close"));
+        let len: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length: "))
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(len, body.len());
+        let v: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(v["error"]["code"], "upstream_timeout");
+        assert_eq!(v["error"]["type"], "server_error");
+        assert!(v["error"]["message"].is_string());
+    }
+
+    #[test]
+    fn relayed_head_drops_hop_by_hop() {
+        let mut h = HeaderMap::new();
+        h.insert("content-type", "text/event-stream".parse().unwrap());
+        h.insert("connection", "keep-alive, x-private".parse().unwrap());
+        h.insert("x-private", "1".parse().unwrap());
+        h.insert("transfer-encoding", "chunked".parse().unwrap());
+        h.insert("content-length", "9".parse().unwrap());
+        let mut out = BytesMut::new();
+        encode_response_head(&mut out, StatusCode::OK, &h, BodyOut::Chunked, true, false);
+        let s = String::from_utf8(out.to_vec()).unwrap();
+        assert_eq!(
+            s,
+            "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+        );
+    }
+}

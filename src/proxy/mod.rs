@@ -1,0 +1,266 @@
+//! The request pipeline (shard): one downstream connection and its requests, each relayed to an
+//! upstream with both bodies streamed. Stages: read head → route → pick → connect → send → relay
+//! → finish. Failures carry who was at fault and what was already sent; `Failure::reply` is the
+//! one place that turns them into a status.
+
+mod relay;
+
+use std::io;
+use std::mem;
+use std::net::SocketAddr;
+use std::pin::pin;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use monoio::io::{
+    AsyncWriteRent, AsyncWriteRentExt, Canceller, OwnedReadHalf, OwnedWriteHalf, Splitable,
+};
+use monoio::net::TcpStream;
+
+use crate::http::head::{self, HeadError, HeadScanner, Request};
+use crate::http::respond::{encode_error, errors, ErrorReply};
+use crate::io::{cancelable_read_append, read_append};
+use crate::shard::signal::{race, Either};
+use crate::shard::ShardCtx;
+
+/// Initial read buffer per downstream connection.
+const CLIENT_BUF: usize = 8 * 1024;
+
+/// Status recorded for a request whose client went away before the answer ended (nginx's 499).
+pub const CLIENT_CLOSED: u16 = 499;
+
+/// One downstream connection: its read side and its write side, borrowed separately (a read
+/// watches the client while the relay writes).
+pub struct Downstream {
+    pub inp: ClientIn,
+    pub out: ClientOut,
+}
+
+/// The client's read half and the bytes read from it but not yet consumed.
+pub struct ClientIn {
+    pub r: OwnedReadHalf<TcpStream>,
+    pub rbuf: BytesMut,
+}
+
+/// The client's write half and scratch buffers.
+pub struct ClientOut {
+    pub w: OwnedWriteHalf<TcpStream>,
+    /// Scratch for what goes to the client.
+    pub wbuf: BytesMut,
+    /// Scratch for what goes to the upstream.
+    pub ubuf: BytesMut,
+    pub peer_ip: String,
+    /// The connection ends after an error reply while the client may still be sending: close
+    /// lingeringly so our answer is not destroyed by a reset.
+    pub linger: bool,
+}
+
+/// Result of reading from a socket with a deadline.
+pub enum ReadOutcome {
+    Data,
+    Eof,
+    Timeout,
+    Error(io::Error),
+}
+
+impl Downstream {
+    fn new(stream: TcpStream, peer: SocketAddr) -> Self {
+        let (r, w) = stream.into_split();
+        Downstream {
+            inp: ClientIn {
+                r,
+                rbuf: BytesMut::with_capacity(CLIENT_BUF),
+            },
+            out: ClientOut {
+                w,
+                wbuf: BytesMut::with_capacity(CLIENT_BUF),
+                ubuf: BytesMut::with_capacity(CLIENT_BUF),
+                peer_ip: peer.ip().to_string(),
+                linger: false,
+            },
+        }
+    }
+}
+
+impl ClientIn {
+    /// Reads more client bytes into `rbuf`, giving up at `deadline`.
+    pub async fn read_more(&mut self, deadline: Instant) -> ReadOutcome {
+        reserve(&mut self.rbuf, CLIENT_BUF);
+        let buf = mem::take(&mut self.rbuf);
+        match monoio::time::timeout_at(deadline.into(), read_append(&mut self.r, buf)).await {
+            Err(_) => ReadOutcome::Timeout,
+            Ok((res, buf)) => {
+                self.rbuf = buf;
+                match res {
+                    Ok(0) => ReadOutcome::Eof,
+                    Ok(_) => ReadOutcome::Data,
+                    Err(e) => ReadOutcome::Error(e),
+                }
+            }
+        }
+    }
+}
+
+impl ClientOut {
+    /// Writes all of `wbuf` to the client and clears it.
+    pub async fn flush(&mut self, limit: Duration) -> io::Result<()> {
+        if self.wbuf.is_empty() {
+            return Ok(());
+        }
+        let buf = mem::take(&mut self.wbuf);
+        match monoio::time::timeout(limit, self.w.write_all(buf)).await {
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "client write timed out",
+            )),
+            Ok((res, mut buf)) => {
+                buf.clear();
+                self.wbuf = buf;
+                res.map(|_| ())
+            }
+        }
+    }
+
+    /// Answers an error the proxy produced itself.
+    pub async fn reply_error(&mut self, e: &ErrorReply, keep_alive: bool, limit: Duration) {
+        self.wbuf.clear();
+        encode_error(&mut self.wbuf, e, keep_alive, &[]);
+        self.linger = !keep_alive;
+        let _ = self.flush(limit).await;
+    }
+}
+
+/// Makes sure `buf` has at least `min` bytes of spare room for the next read.
+pub fn reserve(buf: &mut BytesMut, min: usize) {
+    if buf.capacity() - buf.len() < min / 2 {
+        buf.reserve(min);
+    }
+}
+
+/// What the connection does after an exchange.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum After {
+    KeepAlive,
+    Close,
+}
+
+/// Serves one downstream connection until it closes, errs, idles out or the shard drains.
+pub async fn serve_conn(ctx: Rc<ShardCtx>, fwd: usize, stream: TcpStream, peer: SocketAddr) {
+    let _ = stream.set_nodelay(true);
+    ctx.active.set(ctx.active.get() + 1);
+    let mut d = Downstream::new(stream, peer);
+    let forward = &ctx.config.forwards[fwd];
+    let mut scanner = HeadScanner::default();
+    let mut first = true;
+    loop {
+        let req = match read_request(&ctx, fwd, &mut d, &mut scanner, first).await {
+            Ok(Some(r)) => r,
+            Ok(None) => break,
+            Err(reply) => {
+                ctx.stats.http_error(fwd, reply.code, reply.status.as_u16());
+                ctx.stats.http_request(
+                    fwd,
+                    &http::Method::GET,
+                    "",
+                    reply.status.as_u16(),
+                    Duration::ZERO,
+                );
+                d.out.reply_error(&reply, false, forward.idle_timeout).await;
+                break;
+            }
+        };
+        first = false;
+        if relay::exchange(&ctx, fwd, &mut d, req).await == After::Close || ctx.drain.fired() {
+            break;
+        }
+    }
+    // A graceful close: the client sees FIN after the last response byte.
+    let _ = d.out.w.shutdown().await;
+    if d.out.linger {
+        linger(&mut d.inp).await;
+    }
+    ctx.active.set(ctx.active.get() - 1);
+}
+
+/// Waits for the next request head. `Ok(None)`: the connection ends quietly (client closed,
+/// keep-alive idle timeout, or drain while idle).
+async fn read_request(
+    ctx: &ShardCtx,
+    fwd: usize,
+    d: &mut Downstream,
+    scanner: &mut HeadScanner,
+    first: bool,
+) -> Result<Option<Request>, ErrorReply> {
+    let forward = &ctx.config.forwards[fwd];
+    if d.inp.rbuf.is_empty() {
+        // Idle between requests: wait for the first byte, interruptibly, without losing it.
+        let idle = if first {
+            forward.header_timeout
+        } else {
+            forward.idle_timeout
+        };
+        if ctx.drain.fired() && !first {
+            return Ok(None);
+        }
+        reserve(&mut d.inp.rbuf, CLIENT_BUF);
+        let canceller = Canceller::new();
+        let read =
+            cancelable_read_append(&mut d.inp.r, mem::take(&mut d.inp.rbuf), canceller.handle());
+        let mut read = pin!(read);
+        let stop = pin!(async {
+            monoio::select! {
+                _ = monoio::time::sleep(idle) => {},
+                _ = ctx.drain.wait() => {},
+            }
+        });
+        let (res, buf) = match race(read.as_mut(), stop).await {
+            Either::Left(r) => r,
+            Either::Right(()) => {
+                let _c = canceller.cancel();
+                read.await
+            }
+        };
+        d.inp.rbuf = buf;
+        match res {
+            Ok(n) if n > 0 => {}
+            _ => return Ok(None),
+        }
+    }
+    let deadline = Instant::now() + forward.header_timeout;
+    loop {
+        match head::take_request(&mut d.inp.rbuf, scanner, forward.max_head_bytes) {
+            Ok(Some(r)) => return Ok(Some(r)),
+            Ok(None) => {}
+            Err(e) => return Err(head_error_reply(&e)),
+        }
+        match d.inp.read_more(deadline).await {
+            ReadOutcome::Data => {}
+            ReadOutcome::Timeout => return Err(errors::HEAD_TIMEOUT),
+            // A client that leaves mid-head gets nothing: there is nobody to answer.
+            ReadOutcome::Eof | ReadOutcome::Error(_) => return Ok(None),
+        }
+    }
+}
+
+/// Reads and discards what the client still sends (up to 1 s, 1 MiB) so that closing with unread
+/// data does not reset the connection before the client has read our error reply.
+async fn linger(d: &mut ClientIn) {
+    let deadline = Instant::now() + Duration::from_secs(1);
+    let mut budget = 1usize << 20;
+    loop {
+        d.rbuf.clear();
+        match d.read_more(deadline).await {
+            ReadOutcome::Data if d.rbuf.len() < budget => budget -= d.rbuf.len(),
+            _ => return,
+        }
+    }
+}
+
+fn head_error_reply(e: &HeadError) -> ErrorReply {
+    match e {
+        HeadError::TooLarge(_) | HeadError::TooManyHeaders => errors::HEAD_TOO_LARGE,
+        HeadError::Expectation => errors::EXPECTATION,
+        HeadError::Malformed(_) | HeadError::UnsupportedEncoding => errors::BAD_REQUEST,
+    }
+}

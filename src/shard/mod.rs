@@ -1,0 +1,182 @@
+//! Shards (shard threads): one thread per core, pinned, each with its own monoio runtime, its
+//! own SO_REUSEPORT listening socket per forward, its own upstream pool and counters. Nothing on
+//! a shard takes a lock; the only cross-thread traffic is the stats delta it sends each tick and
+//! the drain flag it polls.
+
+pub mod listener;
+pub mod signal;
+
+use std::cell::Cell;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Once};
+use std::time::Duration;
+
+use http::HeaderValue;
+
+use crate::config::{Config, Driver};
+use crate::stats::ShardStats;
+use crate::upstream::Pool;
+use signal::DrainSignal;
+
+/// State shared by every shard and the process: read-mostly, set up before shards start.
+pub struct Shared {
+    pub config: Arc<Config>,
+    /// One resolved address per upstream (resolved at startup).
+    pub addrs: Vec<SocketAddr>,
+    /// Set by the signal handler; shards notice it on their next tick.
+    pub draining: AtomicBool,
+    /// Shards whose listeners are accepting.
+    pub serving: AtomicUsize,
+}
+
+/// One shard's state. Owned by the shard thread (`Rc`), never shared.
+pub struct ShardCtx {
+    pub id: usize,
+    pub config: Arc<Config>,
+    pub addrs: Vec<SocketAddr>,
+    pub pool: Pool,
+    pub stats: Rc<ShardStats>,
+    /// Round-robin position per group.
+    rr: Vec<Cell<usize>>,
+    /// Pre-validated `User-Agent` value per group.
+    pub agents: Vec<HeaderValue>,
+    pub drain: DrainSignal,
+    /// Open downstream connections.
+    pub active: Cell<usize>,
+}
+
+impl ShardCtx {
+    pub fn new(id: usize, shared: &Shared, stats: Rc<ShardStats>) -> Self {
+        let config = shared.config.clone();
+        ShardCtx {
+            id,
+            pool: Pool::new(config.upstreams.len()),
+            rr: config.groups.iter().map(|_| Cell::new(id)).collect(),
+            agents: config
+                .groups
+                .iter()
+                .map(|g| {
+                    HeaderValue::from_str(&g.client.agent)
+                        .unwrap_or_else(|_| HeaderValue::from_static("LLMProxy/1.0"))
+                })
+                .collect(),
+            addrs: shared.addrs.clone(),
+            stats,
+            drain: DrainSignal::default(),
+            active: Cell::new(0),
+            config,
+        }
+    }
+
+    /// The group a request path goes to: the first matching route, else the forward's group.
+    pub fn route(&self, fwd: usize, path: &str) -> usize {
+        let forward = &self.config.forwards[fwd];
+        for r in &forward.routes {
+            let matched = match r.path.strip_suffix('*') {
+                Some(prefix) => path.starts_with(prefix),
+                None => r.path == path,
+            };
+            if matched {
+                return r.target_group;
+            }
+        }
+        forward.default_group
+    }
+
+    /// Picks a member of the group (round robin until the balancing strategies land).
+    pub fn pick(&self, group: usize) -> Option<usize> {
+        let g = self.config.groups.get(group)?;
+        if g.members.is_empty() {
+            return None;
+        }
+        let i = self.rr[group].get();
+        self.rr[group].set(i.wrapping_add(1));
+        Some(g.members[i % g.members.len()].upstream)
+    }
+}
+
+/// The driver a shard ends up on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResolvedDriver {
+    Uring,
+    Epoll,
+}
+
+impl ResolvedDriver {
+    pub fn name(self) -> &'static str {
+        match self {
+            ResolvedDriver::Uring => "io_uring",
+            ResolvedDriver::Epoll => "epoll",
+        }
+    }
+}
+
+/// Chooses the driver once for the process: `auto` probes io_uring and falls back to epoll.
+pub fn resolve_driver(d: Driver) -> ResolvedDriver {
+    match d {
+        Driver::Epoll => ResolvedDriver::Epoll,
+        Driver::Uring => ResolvedDriver::Uring,
+        Driver::Auto => {
+            if std::env::var_os("MONOIO_FORCE_LEGACY_DRIVER").is_some() {
+                return ResolvedDriver::Epoll;
+            }
+            if monoio::utils::detect_uring() {
+                ResolvedDriver::Uring
+            } else {
+                tracing::warn!("io_uring is not available on this kernel; using epoll");
+                ResolvedDriver::Epoll
+            }
+        }
+    }
+}
+
+static URING_FALLBACK: Once = Once::new();
+
+/// io_uring submission queue size per shard.
+const URING_ENTRIES: u32 = 4096;
+
+/// Runs one shard on the current thread until it has drained.
+#[allow(clippy::too_many_arguments)]
+pub fn run_shard(
+    id: usize,
+    driver: ResolvedDriver,
+    allow_fallback: bool,
+    shared: Arc<Shared>,
+    listeners: Vec<std::net::TcpListener>,
+    make_stats: impl FnOnce() -> Rc<ShardStats>,
+    on_tick: impl Fn(&ShardCtx) + 'static,
+    on_exit: impl FnOnce(&ShardCtx) + 'static,
+) -> std::io::Result<()> {
+    let main = move || async move {
+        let ctx = Rc::new(ShardCtx::new(id, &shared, make_stats()));
+        listener::serve(ctx, shared, listeners, on_tick, on_exit).await
+    };
+    if driver == ResolvedDriver::Uring {
+        match monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+            .with_entries(URING_ENTRIES)
+            .enable_timer()
+            .build()
+        {
+            Ok(mut rt) => return rt.block_on(main()),
+            Err(e) if allow_fallback => URING_FALLBACK.call_once(|| {
+                tracing::warn!(error = %e, "io_uring runtime could not start; using epoll");
+            }),
+            Err(e) => return Err(e),
+        }
+    }
+    let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+        .enable_timer()
+        .build()?;
+    rt.block_on(main())
+}
+
+/// How often a shard checks the drain flag and sweeps its pool when no stats tick is due.
+pub const HOUSEKEEPING: Duration = Duration::from_millis(50);
+
+impl Shared {
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+}
