@@ -103,7 +103,9 @@ pub enum Auth {
     /// `Authorization: Bearer <token>`.
     Bearer(String),
     /// `Authorization: Basic base64(user:pass)`; the field holds the ready header value.
-    Basic { header_value: String },
+    Basic {
+        header_value: String,
+    },
 }
 
 impl std::fmt::Debug for Auth {
@@ -236,7 +238,10 @@ impl std::fmt::Debug for Proxy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Proxy")
             .field("url", &self.display_url)
-            .field("authorization", &self.authorization.as_ref().map(|_| "<redacted>"))
+            .field(
+                "authorization",
+                &self.authorization.as_ref().map(|_| "<redacted>"),
+            )
             .finish()
     }
 }
