@@ -835,3 +835,52 @@ fn default_yaml_documents_every_key() {
         );
     }
 }
+
+#[test]
+fn error_messages_do_not_echo_url_credentials() {
+    for url in [
+        "user:hunter2@host/v1",
+        "http://user:hunter2@host/v1",
+        "http://u:hunter2/x@host:99999",
+    ] {
+        let yaml = MINIMAL.replace("http://127.0.0.1:8001/v1", url);
+        let err = load(&yaml).unwrap_err();
+        assert!(err.0.iter().any(|e| e.path == "upstreams[0].url"), "{err}");
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+    }
+}
+
+#[test]
+fn go_style_camel_case_keys_get_a_hint() {
+    let errs = errors(&MINIMAL.replace("upstream_group: g", "defaultGroup: g"));
+    assert!(
+        has_error(
+            &errs,
+            "http_server.forwards[0].defaultGroup",
+            "did you mean `default_group`?"
+        ),
+        "{errs:?}"
+    );
+}
+
+#[test]
+fn display_lists_every_error_with_its_path() {
+    let err = load(
+        &MINIMAL
+            .replace("name: u\n    url", "name: u\n    weight: 0\n    url")
+            .replace("upstream_group: g", "upstream_group: x"),
+    )
+    .unwrap_err();
+    let text = err.to_string();
+    assert_eq!(text.lines().count(), err.0.len());
+    assert!(
+        text.contains("upstreams[0].weight: 0 is out of range 1–65535"),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "http_server.forwards[0].upstream_group: forward references unknown upstream group `x`"
+        ),
+        "{text}"
+    );
+}

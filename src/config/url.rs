@@ -58,9 +58,9 @@ impl ParsedUrl {
 /// Parses an absolute `http`/`https` URL. Query strings and fragments are rejected.
 pub(crate) fn parse(url: &str) -> Result<ParsedUrl, String> {
     let url = url.trim();
-    let (scheme_str, rest) = url.split_once("://").ok_or_else(|| {
-        format!("`{url}` is not an absolute URL (expected http://… or https://…)")
-    })?;
+    let (scheme_str, rest) = url
+        .split_once("://")
+        .ok_or_else(|| "not an absolute URL (expected http://… or https://…)".to_owned())?;
     let scheme = match scheme_str.to_ascii_lowercase().as_str() {
         "http" => Scheme::Http,
         "https" => Scheme::Https,
@@ -125,7 +125,7 @@ pub(crate) fn parse(url: &str) -> Result<ParsedUrl, String> {
         None => (default_port, false),
         Some(p) => match p.parse::<u16>() {
             Ok(n) if n > 0 => (n, true),
-            _ => return Err(format!("`{p}` is not a valid port (1–65535)")),
+            _ => return Err("the port is not a number in 1–65535".to_owned()),
         },
     };
     Ok(ParsedUrl {

@@ -179,9 +179,9 @@ pub(crate) fn build(root: &Value, ctx: &mut Ctx) -> Option<Config> {
         }
     };
 
-    let upstreams = list(ctx, &top, "upstreams", upstream);
+    let upstreams = list(ctx, &top, "upstreams", UPSTREAM_KEYS, upstream);
     unique_names(ctx, &top, "upstreams", "upstream");
-    let groups = list(ctx, &top, "upstream_groups", |ctx, o| {
+    let groups = list(ctx, &top, "upstream_groups", GROUP_KEYS, |ctx, o| {
         group(ctx, o, &upstream_names)
     });
     unique_names(ctx, &top, "upstream_groups", "upstream group");
@@ -203,6 +203,7 @@ fn list<T>(
     ctx: &mut Ctx,
     parent: &Obj,
     key: &str,
+    known: &[&str],
     mut f: impl FnMut(&mut Ctx, &Obj) -> Option<T>,
 ) -> Vec<T> {
     let path = parent.child(key);
@@ -218,11 +219,6 @@ fn list<T>(
     if items.is_empty() {
         ctx.error(&path, "must have at least one entry");
     }
-    let known = match key {
-        "upstreams" => UPSTREAM_KEYS,
-        "upstream_groups" => GROUP_KEYS,
-        _ => FORWARD_KEYS,
-    };
     items
         .iter()
         .enumerate()
@@ -288,7 +284,7 @@ fn http_server(ctx: &mut Ctx, hs: &Obj, groups: &HashMap<String, usize>) -> (Vec
     // Listeners whose address and port were valid, for the conflict check (an invalid port was
     // replaced by the default and must not cause a second, made-up error).
     let mut listens: Vec<(SocketAddr, String)> = Vec::new();
-    let forwards = list(ctx, hs, "forwards", |ctx, o| {
+    let forwards = list(ctx, hs, "forwards", FORWARD_KEYS, |ctx, o| {
         let before = ctx.errors.len();
         let listen = listen_addr(ctx, o, d::FORWARD_PORT);
         if ctx.errors.len() == before {
