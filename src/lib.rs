@@ -9,6 +9,7 @@ pub mod io;
 pub mod metrics;
 pub mod mock;
 pub mod proxy;
+pub mod route;
 pub mod shard;
 pub mod stats;
 pub mod upstream;

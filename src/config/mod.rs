@@ -1,7 +1,13 @@
 //! Configuration (startup): LLMProxy-compatible YAML → `${VAR}` expansion → raw tree → validated
 //! [`Config`]. Every error is reported at once with its YAML path.
 
+pub mod defaults;
+mod env;
 mod model;
+mod url;
+mod validate;
+mod walk;
+
 pub use model::*;
 
 use std::fmt;
@@ -53,8 +59,39 @@ pub fn load_str(yaml: &str) -> Result<Config, ConfigErrors> {
 
 /// Loads and validates YAML text with an injected environment (for tests).
 pub fn load_str_with_env(
-    _yaml: &str,
-    _env: &dyn Fn(&str) -> Option<String>,
+    yaml: &str,
+    env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Config, ConfigErrors> {
-    todo!("config loader")
+    let mut root: serde_yaml::Value = serde_yaml::from_str(yaml).map_err(|e| {
+        let path = match e.location() {
+            Some(l) => format!("<yaml> line {} column {}", l.line(), l.column()),
+            None => "<yaml>".to_owned(),
+        };
+        ConfigErrors(vec![ConfigError {
+            path,
+            message: format!("invalid YAML: {e}"),
+        }])
+    })?;
+    // `<<: *anchor` merge keys: applied so shared blocks can be reused across entries.
+    root.apply_merge().map_err(|e| {
+        ConfigErrors(vec![ConfigError {
+            path: "<yaml>".to_owned(),
+            message: format!("invalid YAML merge key: {e}"),
+        }])
+    })?;
+    let mut ctx = walk::Ctx::default();
+    env::expand_tree(&mut root, "", env, &mut ctx);
+    let config = validate::build(&root, &mut ctx);
+    match config {
+        Some(c) if ctx.errors.is_empty() => Ok(c),
+        _ => {
+            if ctx.errors.is_empty() {
+                ctx.error("", "invalid configuration");
+            }
+            Err(ConfigErrors(ctx.errors))
+        }
+    }
 }
+
+#[cfg(test)]
+mod tests;
