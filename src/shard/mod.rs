@@ -16,6 +16,7 @@ use std::time::Duration;
 use http::HeaderValue;
 
 use crate::config::{Config, Driver};
+use crate::route::Router;
 use crate::stats::ShardStats;
 use crate::upstream::Pool;
 use signal::DrainSignal;
@@ -40,6 +41,8 @@ pub struct ShardCtx {
     pub stats: Rc<ShardStats>,
     /// Round-robin position per group.
     rr: Vec<Cell<usize>>,
+    /// Path router per forward.
+    routers: Vec<Router>,
     /// Pre-validated `User-Agent` value per group.
     pub agents: Vec<HeaderValue>,
     pub drain: DrainSignal,
@@ -54,6 +57,11 @@ impl ShardCtx {
             id,
             pool: Pool::new(config.upstreams.len()),
             rr: config.groups.iter().map(|_| Cell::new(id)).collect(),
+            routers: config
+                .forwards
+                .iter()
+                .map(|f| Router::new(&f.routes))
+                .collect(),
             agents: config
                 .groups
                 .iter()
@@ -72,17 +80,9 @@ impl ShardCtx {
 
     /// The group a request path goes to: the first matching route, else the forward's group.
     pub fn route(&self, fwd: usize, path: &str) -> usize {
-        let forward = &self.config.forwards[fwd];
-        for r in &forward.routes {
-            let matched = match r.path.strip_suffix('*') {
-                Some(prefix) => path.starts_with(prefix),
-                None => r.path == path,
-            };
-            if matched {
-                return r.target_group;
-            }
-        }
-        forward.default_group
+        self.routers[fwd]
+            .find(path)
+            .unwrap_or(self.config.forwards[fwd].default_group)
     }
 
     /// Picks a member of the group (round robin until the balancing strategies land).
