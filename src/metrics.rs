@@ -294,6 +294,9 @@ mod tests {
     use std::collections::{BTreeMap, HashMap};
     use std::time::{Duration, Instant};
 
+    /// A histogram series: base name and labels without `le`.
+    type SeriesKey = (String, Vec<(String, String)>);
+
     /// A parsed sample line.
     #[derive(Debug)]
     struct Sample {
@@ -392,8 +395,7 @@ mod tests {
             }
         }
         // Histograms: per series, buckets ascending, cumulative, +Inf == _count.
-        let mut series: BTreeMap<(String, Vec<(String, String)>), Vec<(f64, f64)>> =
-            BTreeMap::new();
+        let mut series: BTreeMap<SeriesKey, Vec<(f64, f64)>> = BTreeMap::new();
         let mut counts = BTreeMap::new();
         for s in &samples {
             if let Some(base) = s.name.strip_suffix("_bucket") {
