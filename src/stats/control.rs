@@ -216,7 +216,7 @@ fn record(h: &mut Histogram<u64>, s: &LatencySamples) {
 
 /// Locks the merged state; a panic elsewhere while holding the lock must not take the admin
 /// listener or the control thread down with it (the data is counters: still usable).
-pub(crate) fn lock(m: &Mutex<Merged>) -> MutexGuard<'_, Merged> {
+pub fn lock_merged(m: &Mutex<Merged>) -> MutexGuard<'_, Merged> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -233,7 +233,7 @@ impl Control {
         if batch.is_empty() {
             return;
         }
-        let mut m = lock(&self.merged);
+        let mut m = lock_merged(&self.merged);
         for d in batch.drain(..) {
             m.apply(d, now);
         }
@@ -502,7 +502,7 @@ mod tests {
             assert!(stats.flush(&tx));
         }
         handle.shutdown();
-        let m = lock(&merged);
+        let m = lock_merged(&merged);
         assert_eq!(m.upstreams[&(1, 1)].duration.count(), 10);
         assert_eq!(m.shards[&0].last_seq, 10);
         assert_eq!(m.deltas_received, 10);

@@ -5,7 +5,9 @@ mod control;
 mod delta;
 mod shard;
 
-pub use control::{spawn, ControlHandle, ForwardTotals, Merged, ShardProgress, UpstreamTotals};
+pub use control::{
+    lock_merged, spawn, ControlHandle, ForwardTotals, Merged, ShardProgress, UpstreamTotals,
+};
 pub use delta::{
     method_index, DurationCounts, HttpErrorSample, HttpSample, LatencySamples, StatsDelta,
     UpstreamSample, BUCKETS, DURATION_BUCKETS_LE, DURATION_BUCKETS_US, METHODS, METHOD_LABELS,
