@@ -399,9 +399,19 @@ fn route(head: &Head, ctx: &Ctx) -> Reply {
     }
 }
 
+/// p50/p90/p99/max of a µs latency histogram, in ms.
+fn percentiles_ms(h: &hdrhistogram::Histogram<u64>) -> serde_json::Value {
+    let ms = |us: u64| us as f64 / 1000.0;
+    json!({
+        "p50": ms(h.value_at_quantile(0.5)),
+        "p90": ms(h.value_at_quantile(0.9)),
+        "p99": ms(h.value_at_quantile(0.99)),
+        "max": ms(h.max()),
+    })
+}
+
 /// `/status`: stats pipeline progress per shard and per-upstream totals with latency percentiles.
 fn status_json(m: &Merged, config: &Config, health: &Health, now: Instant) -> serde_json::Value {
-    let ms = |us: u64| us as f64 / 1000.0;
     let shards: Vec<_> = m
         .shards
         .iter()
@@ -437,12 +447,7 @@ fn status_json(m: &Merged, config: &Config, health: &Health, now: Instant) -> se
                 .collect();
             let mut v = json!({"name": u.name, "requests": requests, "errors": errors});
             if let Some(h) = m.upstream_latency.get(ui).filter(|h| !h.is_empty()) {
-                v["latency_ms"] = json!({
-                    "p50": ms(h.value_at_quantile(0.5)),
-                    "p90": ms(h.value_at_quantile(0.9)),
-                    "p99": ms(h.value_at_quantile(0.99)),
-                    "max": ms(h.max()),
-                });
+                v["latency_ms"] = percentiles_ms(h);
             }
             v
         })
@@ -456,12 +461,7 @@ fn status_json(m: &Merged, config: &Config, health: &Health, now: Instant) -> se
             if let Some(t) = m.forwards.get(fi) {
                 v["requests"] = json!(t.latency.len());
                 if !t.latency.is_empty() {
-                    v["latency_ms"] = json!({
-                        "p50": ms(t.latency.value_at_quantile(0.5)),
-                        "p90": ms(t.latency.value_at_quantile(0.9)),
-                        "p99": ms(t.latency.value_at_quantile(0.99)),
-                        "max": ms(t.latency.max()),
-                    });
+                    v["latency_ms"] = percentiles_ms(&t.latency);
                 }
             }
             v

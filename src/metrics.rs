@@ -2,12 +2,18 @@
 //! hand-written because the per-shard design has no global registry to feed.
 
 use std::fmt::Write;
+use std::sync::Arc;
 
 use crate::config::Config;
-use crate::stats::{DurationCounts, Merged, UpstreamErrorKind, DURATION_BUCKETS_LE, METHOD_LABELS};
+use crate::stats::{
+    DurationCounts, Merged, ShardProgress, UpstreamErrorKind, DURATION_BUCKETS_LE, METHOD_LABELS,
+};
 
 /// `Content-Type` of [`render`]'s output.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// A per-shard counter family: name, help, value.
+type ShardCounter = (&'static str, &'static str, fn(&ShardProgress) -> u64);
 
 /// Label value used when an index has no name in the configuration (should not happen).
 const UNKNOWN: &str = "unknown";
@@ -16,9 +22,6 @@ const UNKNOWN: &str = "unknown";
 pub fn render(merged: &Merged, config: &Config) -> String {
     let mut out = String::with_capacity(16 * 1024);
     let forward = |i: usize| config.forwards.get(i).map_or(UNKNOWN, |f| f.name.as_str());
-    let group = |i: usize| config.groups.get(i).map_or(UNKNOWN, |g| g.name.as_str());
-    let upstream = |i: usize| config.upstreams.get(i).map_or(UNKNOWN, |u| u.name.as_str());
-    let method = |i: u8| METHOD_LABELS.get(i as usize).copied().unwrap_or("OTHER");
 
     family(
         &mut out,
@@ -26,12 +29,8 @@ pub fn render(merged: &Merged, config: &Config) -> String {
         "Total inbound HTTP requests by forward, method and path.",
         "counter",
     );
-    for ((f, m, path), d) in &merged.http {
-        let labels = [
-            ("forward", forward(*f)),
-            ("method", method(*m)),
-            ("path", path),
-        ];
+    for (key, d) in &merged.http {
+        let labels = http_labels(config, key);
         sample(
             &mut out,
             "llmproxy_http_requests_total",
@@ -47,12 +46,8 @@ pub fn render(merged: &Merged, config: &Config) -> String {
         "Inbound HTTP request latency by forward, method and path.",
         "histogram",
     );
-    for ((f, m, path), d) in &merged.http {
-        let labels = [
-            ("forward", forward(*f)),
-            ("method", method(*m)),
-            ("path", path),
-        ];
+    for (key, d) in &merged.http {
+        let labels = http_labels(config, key);
         histogram(
             &mut out,
             "llmproxy_http_request_duration_seconds",
@@ -89,8 +84,8 @@ pub fn render(merged: &Merged, config: &Config) -> String {
         "Total requests forwarded to upstreams by group and upstream.",
         "counter",
     );
-    for ((g, u), t) in &merged.upstreams {
-        let labels = [("group", group(*g)), ("upstream", upstream(*u))];
+    for (&pair, t) in &merged.upstreams {
+        let labels = pair_labels(config, pair);
         sample(
             &mut out,
             "llmproxy_upstream_requests_total",
@@ -106,8 +101,8 @@ pub fn render(merged: &Merged, config: &Config) -> String {
         "Upstream exchange latency by group and upstream.",
         "histogram",
     );
-    for ((g, u), t) in &merged.upstreams {
-        let labels = [("group", group(*g)), ("upstream", upstream(*u))];
+    for (&pair, t) in &merged.upstreams {
+        let labels = pair_labels(config, pair);
         histogram(
             &mut out,
             "llmproxy_upstream_duration_seconds",
@@ -122,97 +117,107 @@ pub fn render(merged: &Merged, config: &Config) -> String {
         "Failed upstream exchanges by error, group and upstream.",
         "counter",
     );
-    for ((g, u), t) in &merged.upstreams {
+    for (&pair, t) in &merged.upstreams {
+        let [group, upstream] = pair_labels(config, pair);
         for kind in UpstreamErrorKind::ALL {
             let n = t.errors[kind.index()];
             if n > 0 {
-                let labels = [
-                    ("error", kind.label()),
-                    ("group", group(*g)),
-                    ("upstream", upstream(*u)),
-                ];
+                let labels = [("error", kind.label()), group, upstream];
                 sample(&mut out, "llmproxy_upstream_errors_total", &labels, None, n);
             }
         }
     }
 
-    family(
-        &mut out,
-        "llmproxy_shards",
-        "Shards that have reported statistics.",
-        "gauge",
-    );
-    sample(
-        &mut out,
-        "llmproxy_shards",
-        &[],
-        None,
-        merged.shards.len() as u64,
-    );
-
-    family(
-        &mut out,
-        "llmproxy_stats_deltas_received_total",
-        "Statistics deltas merged by the control thread, by shard.",
-        "counter",
-    );
-    for (id, p) in &merged.shards {
-        let id = id.to_string();
-        sample(
-            &mut out,
+    // The stats pipeline's own health, per shard and overall.
+    let per_shard: [ShardCounter; 2] = [
+        (
             "llmproxy_stats_deltas_received_total",
-            &[("shard", &id)],
-            None,
-            p.deltas_received,
-        );
-    }
-
-    family(
-        &mut out,
-        "llmproxy_stats_deltas_dropped_total",
-        "Statistics delta sends that failed (channel full or closed), by shard; their counts were carried into a later delta.",
-        "counter",
-    );
-    for (id, p) in &merged.shards {
-        let id = id.to_string();
-        sample(
-            &mut out,
+            "Statistics deltas merged by the control thread, by shard.",
+            |p| p.deltas_received,
+        ),
+        (
             "llmproxy_stats_deltas_dropped_total",
-            &[("shard", &id)],
-            None,
-            p.failed_sends,
-        );
+            "Statistics delta sends that failed (channel full or closed), by shard; their counts were carried into a later delta.",
+            |p| p.failed_sends,
+        ),
+    ];
+    for (name, help, value) in per_shard {
+        family(&mut out, name, help, "counter");
+        for (id, p) in &merged.shards {
+            let id = id.to_string();
+            sample(&mut out, name, &[("shard", &id)], None, value(p));
+        }
     }
-
-    family(
-        &mut out,
-        "llmproxy_stats_deltas_lost_total",
-        "Statistics deltas missing from the shards' sequences (expected to stay 0).",
-        "counter",
-    );
-    sample(
-        &mut out,
-        "llmproxy_stats_deltas_lost_total",
-        &[],
-        None,
-        merged.deltas_lost(),
-    );
-
-    family(
-        &mut out,
-        "llmproxy_stats_invalid_records_total",
-        "Recording calls ignored because an index was outside the configuration (a bug).",
-        "counter",
-    );
-    sample(
-        &mut out,
-        "llmproxy_stats_invalid_records_total",
-        &[],
-        None,
-        merged.invalid_records,
-    );
+    let single = [
+        (
+            "llmproxy_shards",
+            "Shards that have reported statistics.",
+            "gauge",
+            merged.shards.len() as u64,
+        ),
+        (
+            "llmproxy_stats_deltas_lost_total",
+            "Statistics deltas missing from the shards' sequences (expected to stay 0).",
+            "counter",
+            merged.deltas_lost(),
+        ),
+        (
+            "llmproxy_stats_invalid_records_total",
+            "Recording calls ignored because an index was outside the configuration (a bug).",
+            "counter",
+            merged.invalid_records,
+        ),
+    ];
+    for (name, help, kind, value) in single {
+        family(&mut out, name, help, kind);
+        sample(&mut out, name, &[], None, value);
+    }
 
     out
+}
+
+/// `{forward, method, path}` labels of a merged HTTP series.
+fn http_labels<'a>(
+    config: &'a Config,
+    (forward, method, path): &'a (usize, u8, Arc<str>),
+) -> [(&'static str, &'a str); 3] {
+    [
+        (
+            "forward",
+            config
+                .forwards
+                .get(*forward)
+                .map_or(UNKNOWN, |f| f.name.as_str()),
+        ),
+        (
+            "method",
+            METHOD_LABELS
+                .get(*method as usize)
+                .copied()
+                .unwrap_or("OTHER"),
+        ),
+        ("path", path),
+    ]
+}
+
+/// `{group, upstream}` labels (upstream = its name) of a merged pair.
+fn pair_labels(config: &Config, (group, upstream): (usize, usize)) -> [(&'static str, &str); 2] {
+    [
+        (
+            "group",
+            config
+                .groups
+                .get(group)
+                .map_or(UNKNOWN, |g| g.name.as_str()),
+        ),
+        (
+            "upstream",
+            config
+                .upstreams
+                .get(upstream)
+                .map_or(UNKNOWN, |u| u.name.as_str()),
+        ),
+    ]
 }
 
 fn family(out: &mut String, name: &str, help: &str, kind: &str) {
