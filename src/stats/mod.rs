@@ -1,7 +1,25 @@
 //! Per-shard statistics (shard) and their merge (control thread): counters and latency histograms
 //! that shards accumulate without locks and ship as one delta per tick.
 
-use std::time::Duration;
+mod control;
+mod delta;
+mod shard;
+
+pub use control::{
+    lock_merged, spawn, ControlHandle, ForwardTotals, Merged, ShardProgress, UpstreamTotals,
+};
+pub use delta::{
+    method_index, DurationCounts, HttpErrorSample, HttpSample, LatencySamples, StatsDelta,
+    UpstreamSample, BUCKETS, DURATION_BUCKETS_LE, DURATION_BUCKETS_US, METHODS, METHOD_LABELS,
+    OTHER_PATH,
+};
+pub use shard::{
+    path_label, run_ticker, ShardStats, StopSignal, Stopped, FINAL_FLUSH_ATTEMPTS,
+    FINAL_FLUSH_PAUSE, MAX_ERROR_SERIES_PER_FORWARD, MAX_PATHS_PER_FORWARD, MAX_PATH_LABEL_BYTES,
+};
+
+#[cfg(test)]
+pub(crate) mod testing;
 
 /// Why an upstream exchange failed, as a metric label (`llmproxy_upstream_errors_total{error}`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -19,6 +37,30 @@ pub enum UpstreamErrorKind {
 }
 
 impl UpstreamErrorKind {
+    /// Number of kinds.
+    pub const COUNT: usize = 5;
+
+    /// Every kind, in [`index`](Self::index) order.
+    pub const ALL: [UpstreamErrorKind; Self::COUNT] = [
+        UpstreamErrorKind::Connect,
+        UpstreamErrorKind::Timeout,
+        UpstreamErrorKind::Protocol,
+        UpstreamErrorKind::Status5xx,
+        UpstreamErrorKind::Status429,
+    ];
+
+    /// Dense index (0..COUNT) for per-kind counter arrays.
+    pub fn index(self) -> usize {
+        match self {
+            UpstreamErrorKind::Connect => 0,
+            UpstreamErrorKind::Timeout => 1,
+            UpstreamErrorKind::Protocol => 2,
+            UpstreamErrorKind::Status5xx => 3,
+            UpstreamErrorKind::Status429 => 4,
+        }
+    }
+
+    /// The `error` label value.
     pub fn label(self) -> &'static str {
         match self {
             UpstreamErrorKind::Connect => "connect_error",
@@ -27,36 +69,5 @@ impl UpstreamErrorKind {
             UpstreamErrorKind::Status5xx => "upstream_5xx",
             UpstreamErrorKind::Status429 => "upstream_429",
         }
-    }
-}
-
-/// One shard's statistics, owned by the shard (`Rc`), mutated without locks.
-#[derive(Default)]
-pub struct ShardStats {}
-
-impl ShardStats {
-    /// A downstream request finished (or was answered by the proxy itself).
-    pub fn http_request(
-        &self,
-        _forward: usize,
-        _method: &http::Method,
-        _path: &str,
-        _status: u16,
-        _elapsed: Duration,
-    ) {
-    }
-
-    /// A downstream request ended in an error the proxy reports (`error` is a short label such
-    /// as `bad_request`, `upstream_unreachable`, `upstream_timeout`, `payload_too_large`).
-    pub fn http_error(&self, _forward: usize, _error: &'static str, _status: u16) {}
-
-    /// One exchange with an upstream ended; `error` is None on success.
-    pub fn upstream_request(
-        &self,
-        _group: usize,
-        _upstream: usize,
-        _elapsed: Duration,
-        _error: Option<UpstreamErrorKind>,
-    ) {
     }
 }
