@@ -3,15 +3,15 @@
 
 use std::net::ToSocketAddrs;
 use std::process::ExitCode;
-use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::admin;
 use crate::cli::{Cli, DriverArg};
 use crate::config::{self, Config, Driver};
 use crate::shard::{self, listener, Shared};
-use crate::stats::ShardStats;
+use crate::stats;
 
 /// Loads the config named on the command line, or the embedded default.
 pub fn load_config(cli: &Cli) -> Result<Config, String> {
@@ -160,11 +160,18 @@ pub fn serve(cfg: Config, addrs: Vec<std::net::SocketAddr>) -> Result<ExitCode, 
         );
     }
 
+    let control = stats::spawn(cfg.clone(), 64.max(4 * shards))
+        .map_err(|e| format!("cannot start the control thread: {e}"))?;
+    let health = Arc::new(admin::Health::new(shards));
+    let admin = admin::spawn(cfg.clone(), control.merged(), health.clone())
+        .map_err(|e| format!("admin: cannot listen on {}: {e}", cfg.admin.listen))?;
+    tracing::info!(listen = %admin.local_addr(), "admin listening");
     let shared = Arc::new(Shared {
         config: cfg.clone(),
         addrs,
         draining: AtomicBool::new(false),
-        serving: AtomicUsize::new(0),
+        health: health.clone(),
+        stats_tx: control.sender(),
     });
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let mut handles = Vec::with_capacity(shards);
@@ -178,21 +185,9 @@ pub fn serve(cfg: Config, addrs: Vec<std::net::SocketAddr>) -> Result<ExitCode, 
                 if let Some(core) = core {
                     core_affinity::set_for_current(core);
                 }
-                let cfg = shared.config.clone();
-                let res = shard::run_shard(
-                    id,
-                    driver,
-                    allow_fallback,
-                    shared,
-                    listeners,
-                    || Rc::new(ShardStats::default()),
-                    |_| {},
-                    |_| {},
-                );
-                if let Err(e) = res {
+                if let Err(e) = shard::run_shard(id, driver, allow_fallback, shared, listeners) {
                     tracing::error!(shard = id, error = %e, "shard failed");
                 }
-                drop(cfg);
             })
             .map_err(|e| format!("cannot start shard thread: {e}"))?;
         handles.push(h);
@@ -214,6 +209,7 @@ pub fn serve(cfg: Config, addrs: Vec<std::net::SocketAddr>) -> Result<ExitCode, 
         timeout_s = cfg.runtime.shutdown_timeout.as_secs(),
         "shutting down: no new connections; letting in-flight requests finish"
     );
+    health.set_draining();
     shared.draining.store(true, Ordering::SeqCst);
     loop {
         if handles.iter().all(|h| h.is_finished()) {
@@ -231,6 +227,8 @@ pub fn serve(cfg: Config, addrs: Vec<std::net::SocketAddr>) -> Result<ExitCode, 
     for h in handles {
         let _ = h.join();
     }
+    control.shutdown();
+    admin.shutdown();
     tracing::info!("shutdown complete");
     Ok(ExitCode::SUCCESS)
 }

@@ -3,7 +3,6 @@
 use std::io;
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,6 +10,7 @@ use socket2::{Domain, Socket, Type};
 
 use super::{ShardCtx, Shared, HOUSEKEEPING};
 use crate::proxy::serve_conn;
+use crate::stats::{run_ticker, StopSignal};
 
 /// Accept backlog per listening socket.
 const BACKLOG: i32 = 4096;
@@ -42,18 +42,22 @@ pub async fn serve(
     ctx: Rc<ShardCtx>,
     shared: Arc<Shared>,
     listeners: Vec<std::net::TcpListener>,
-    on_tick: impl Fn(&ShardCtx) + 'static,
-    on_exit: impl FnOnce(&ShardCtx) + 'static,
 ) -> io::Result<()> {
     let mut accepting = Vec::new();
     for (fwd, l) in listeners.into_iter().enumerate() {
         let l = monoio::net::TcpListener::from_std(l)?;
         accepting.push(monoio::spawn(accept_loop(ctx.clone(), fwd, l)));
     }
-    shared.serving.fetch_add(1, Ordering::SeqCst);
+    let stop = StopSignal::new();
+    let ticker = monoio::spawn(run_ticker(
+        ctx.stats.clone(),
+        shared.stats_tx.clone(),
+        ctx.config.runtime.tick,
+        stop.clone(),
+    ));
+    shared.health.shard_up();
     loop {
         monoio::time::sleep(HOUSEKEEPING).await;
-        on_tick(&ctx);
         let config = &ctx.config;
         ctx.pool.sweep(|u| {
             config
@@ -68,7 +72,7 @@ pub async fn serve(
             break;
         }
     }
-    shared.serving.fetch_sub(1, Ordering::SeqCst);
+    shared.health.shard_down();
     ctx.drain.fire();
     for a in accepting {
         a.await;
@@ -76,9 +80,10 @@ pub async fn serve(
     ctx.pool.clear();
     while ctx.active.get() > 0 {
         monoio::time::sleep(Duration::from_millis(10)).await;
-        on_tick(&ctx);
     }
-    on_exit(&ctx);
+    // The last delta carries the requests that finished while draining.
+    stop.trigger();
+    ticker.await;
     Ok(())
 }
 

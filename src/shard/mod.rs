@@ -9,15 +9,16 @@ pub mod signal;
 use std::cell::Cell;
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Once};
 use std::time::Duration;
 
 use http::HeaderValue;
 
+use crate::admin::Health;
 use crate::config::{Config, Driver};
 use crate::route::Router;
-use crate::stats::ShardStats;
+use crate::stats::{ShardStats, StatsDelta};
 use crate::upstream::Pool;
 use signal::DrainSignal;
 
@@ -26,10 +27,12 @@ pub struct Shared {
     pub config: Arc<Config>,
     /// One resolved address per upstream (resolved at startup).
     pub addrs: Vec<SocketAddr>,
-    /// Set by the signal handler; shards notice it on their next tick.
+    /// Set by the signal handler; shards notice it on their next housekeeping tick.
     pub draining: AtomicBool,
-    /// Shards whose listeners are accepting.
-    pub serving: AtomicUsize,
+    /// What `/health` reports: shards up, draining.
+    pub health: Arc<Health>,
+    /// Where shards send their stats deltas (the control thread).
+    pub stats_tx: crossbeam::channel::Sender<StatsDelta>,
 }
 
 /// One shard's state. Owned by the shard thread (`Rc`), never shared.
@@ -138,20 +141,17 @@ static URING_FALLBACK: Once = Once::new();
 const URING_ENTRIES: u32 = 4096;
 
 /// Runs one shard on the current thread until it has drained.
-#[allow(clippy::too_many_arguments)]
 pub fn run_shard(
     id: usize,
     driver: ResolvedDriver,
     allow_fallback: bool,
     shared: Arc<Shared>,
     listeners: Vec<std::net::TcpListener>,
-    make_stats: impl FnOnce() -> Rc<ShardStats>,
-    on_tick: impl Fn(&ShardCtx) + 'static,
-    on_exit: impl FnOnce(&ShardCtx) + 'static,
 ) -> std::io::Result<()> {
     let main = move || async move {
-        let ctx = Rc::new(ShardCtx::new(id, &shared, make_stats()));
-        listener::serve(ctx, shared, listeners, on_tick, on_exit).await
+        let stats = Rc::new(ShardStats::new(id, &shared.config));
+        let ctx = Rc::new(ShardCtx::new(id, &shared, stats));
+        listener::serve(ctx, shared, listeners).await
     };
     if driver == ResolvedDriver::Uring {
         match monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
