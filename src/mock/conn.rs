@@ -69,6 +69,7 @@ pub(crate) async fn serve(mut stream: TcpStream, shared: Arc<Shared>) {
                     Ok(None) => {}
                     Err(bad) => {
                         bad_request(&mut stream, wbuf, &shared, bad).await;
+                        linger_close(&mut stream, rbuf).await;
                         return;
                     }
                 }
@@ -114,6 +115,7 @@ pub(crate) async fn serve(mut stream: TcpStream, shared: Arc<Shared>) {
                         Ok(false) => {}
                         Err(bad) => {
                             bad_request(&mut stream, wbuf, &shared, bad).await;
+                            linger_close(&mut stream, rbuf).await;
                             return;
                         }
                     }
@@ -152,17 +154,34 @@ pub(crate) async fn serve(mut stream: TcpStream, shared: Arc<Shared>) {
     }
 }
 
+/// Half-close and drain what the client still sends (briefly), so the 400
+/// answer is not destroyed by a RST caused by unread input.
+async fn linger_close(stream: &mut TcpStream, mut buf: Vec<u8>) {
+    use monoio::io::AsyncWriteRent;
+    let _ = stream.shutdown().await;
+    let deadline = monoio::time::Instant::now() + Duration::from_millis(500);
+    let mut total = 0usize;
+    if buf.capacity() == 0 {
+        buf.reserve(16 * 1024);
+    }
+    while total < 4 * 1024 * 1024 {
+        buf.clear();
+        match monoio::time::timeout_at(deadline, stream.read(buf)).await {
+            Ok((Ok(n), b)) if n > 0 => {
+                total += n;
+                buf = b;
+            }
+            _ => return,
+        }
+    }
+}
+
 async fn bad_request(stream: &mut TcpStream, wbuf: Vec<u8>, shared: &Shared, bad: BadRequest) {
     shared.stats.bad_requests.fetch_add(1, Ordering::Relaxed);
-    let status = if bad.0.contains("too large") {
+    let status = if bad.0 == "request body too large" {
         413
     } else {
         400
-    };
-    let status = if bad.0 == "request head too large" {
-        400
-    } else {
-        status
     };
     let body = error_json(bad.0, "invalid_request_error", Some("bad_request"));
     let (_, _) = write_simple(stream, wbuf, status, &body, false, &[]).await;
