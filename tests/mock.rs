@@ -533,7 +533,7 @@ fn client_abort_with_zero_gap_counts_on_write_failure() {
     let mut c = Conn::new(srv.addr());
     c.send(&post(
         "/v1/chat/completions",
-        "x-mock-tokens: 1000000\r\nx-mock-ttft-ms: 50\r\n",
+        "x-mock-tokens: 100000\r\nx-mock-ttft-ms: 50\r\n",
         CHAT_STREAM,
     ));
     let _ = c.read_head();
@@ -712,4 +712,102 @@ fn stop_releases_the_port() {
     // Nothing accepts any more.
     let refused = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_err();
     assert!(refused, "port still accepting after stop");
+}
+
+#[test]
+fn garbage_and_mutated_requests_never_kill_the_server() {
+    let srv = server_with(MockConfig {
+        tokens: 3,
+        ..MockConfig::default()
+    });
+    let base = post(
+        "/v1/chat/completions",
+        "Connection: keep-alive\r\n",
+        r#"{"stream":true,"messages":[{"content":"hi"}]}"#,
+    );
+    let chunked =
+        b"POST /echo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n".to_vec();
+    let mut seed: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut rnd = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    for case in 0..300 {
+        let mut input = if case % 3 == 0 {
+            base.clone()
+        } else if case % 3 == 1 {
+            chunked.clone()
+        } else {
+            (0..(rnd() % 200)).map(|_| rnd() as u8).collect()
+        };
+        if case % 3 != 2 {
+            for _ in 0..(1 + rnd() % 4) {
+                if input.is_empty() {
+                    break;
+                }
+                let i = (rnd() as usize) % input.len();
+                match rnd() % 3 {
+                    0 => input[i] = rnd() as u8,
+                    1 => {
+                        input.remove(i);
+                    }
+                    _ => input.insert(i, rnd() as u8),
+                }
+            }
+        }
+        let mut s = TcpStream::connect(srv.addr()).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let _ = s.write_all(&input);
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        let mut sink = Vec::new();
+        let _ = s.read_to_end(&mut sink);
+    }
+    let mut c = Conn::new(srv.addr());
+    c.send(&post("/v1/chat/completions", "", CHAT));
+    assert_eq!(c.read_response().status, 200);
+    // Everything closed except `c` and the stats connection itself.
+    let t = Instant::now();
+    loop {
+        let st = stats(srv.addr());
+        if st["connections_open"] == 2 {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "leaked connections: {st}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn huge_knob_values_do_not_break_the_server() {
+    let srv = server();
+    for hdr in [
+        "x-mock-gap-ms: 18446744073709551615\r\nx-mock-framing: length\r\nx-mock-tokens: 18446744073709551615\r\n",
+        "x-mock-ttft-ms: 18446744073709551615\r\n",
+        "x-mock-delay-ms: 18446744073709551615\r\n",
+        "x-mock-cut-after: 18446744073709551615\r\nx-mock-tokens: 0\r\n",
+    ] {
+        let mut c = Conn::new(srv.addr());
+        c.send(&post("/v1/chat/completions", hdr, CHAT_STREAM));
+        c.s.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        let mut tmp = [0u8; 4096];
+        let _ = c.s.read(&mut tmp);
+    }
+    for bad in [
+        "x-mock-gap-ms: -1\r\n",
+        "x-mock-framing: weird\r\n",
+        "x-mock-error-rate: 2\r\n",
+        "x-mock-status: 42\r\n",
+    ] {
+        let mut c = Conn::new(srv.addr());
+        c.send(&post("/v1/chat/completions", bad, CHAT));
+        assert_eq!(c.read_response().status, 400, "{bad}");
+    }
+    let mut c = Conn::new(srv.addr());
+    c.send(&get("/v1/models"));
+    assert_eq!(c.read_response().status, 200);
 }

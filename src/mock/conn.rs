@@ -292,6 +292,11 @@ struct Knobs {
     retry_after: Option<String>,
 }
 
+/// Upper bound for any delay knob (1 hour), so time arithmetic can't overflow.
+const MAX_DELAY_MS: u64 = 3_600_000;
+/// Upper bound for the token count (keeps `length` framing bodies bounded).
+const MAX_TOKENS: u64 = 100_000;
+
 fn knob<T: std::str::FromStr>(
     head: &Head,
     name: &'static str,
@@ -351,15 +356,15 @@ impl Knobs {
             return Err("x-mock-body-bytes");
         }
         Ok(Knobs {
-            ttft_ms: knob(head, "x-mock-ttft-ms", cfg.ttft_ms)?,
-            gap_ms: knob(head, "x-mock-gap-ms", cfg.gap_ms)?,
-            tokens: knob(head, "x-mock-tokens", cfg.tokens)?.min(1_000_000),
+            ttft_ms: knob(head, "x-mock-ttft-ms", cfg.ttft_ms)?.min(MAX_DELAY_MS),
+            gap_ms: knob(head, "x-mock-gap-ms", cfg.gap_ms)?.min(MAX_DELAY_MS),
+            tokens: knob(head, "x-mock-tokens", cfg.tokens)?.min(MAX_TOKENS),
             error_status,
             error_rate,
             cut_after: knob(head, "x-mock-cut-after", cfg.cut_after)?,
             framing,
             close,
-            delay_ms: knob(head, "x-mock-delay-ms", 0)?,
+            delay_ms: knob(head, "x-mock-delay-ms", 0u64)?.min(MAX_DELAY_MS),
             body_bytes: body_bytes as usize,
             retry_after: head.header_str("x-mock-retry-after").map(str::to_string),
         })
@@ -859,7 +864,8 @@ async fn stream_sse(
         body.extend_from_slice(DONE_EVENT);
         ends.push(body.len());
         let _ = write!(wbuf, "Content-Length: {}\r\n\r\n", body.len());
-        let total = ttft + gap * (gen.tokens.saturating_sub(1) as u32);
+        let steps = u32::try_from(gen.tokens.saturating_sub(1)).unwrap_or(u32::MAX);
+        let total = ttft.saturating_add(gap.saturating_mul(steps));
         if wait_or_gone(stream, total).await {
             record_abort(shared);
             wbuf.clear();
