@@ -653,6 +653,18 @@ fn bad_input_gets_400_and_close() {
 }
 
 #[test]
+fn head_request_keeps_framing() {
+    let srv = server();
+    let mut c = Conn::new(srv.addr());
+    c.send(b"HEAD /v1/models HTTP/1.1\r\nHost: m\r\n\r\n");
+    let r = c.read_response();
+    assert_eq!(r.status, 405);
+    assert!(r.body.is_empty());
+    c.send(&get("/v1/models"));
+    assert_eq!(c.read_response().status, 200);
+}
+
+#[test]
 fn expect_100_continue() {
     let srv = server();
     let mut c = Conn::new(srv.addr());

@@ -44,6 +44,14 @@ struct Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Logs go to stderr; stdout carries only the "listening" line.
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .try_init();
     let error_rate = match cli.error_rate {
         Some(r) if !(0.0..=1.0).contains(&r) => {
             eprintln!("llmproxy-mock: --error-rate must be within 0.0..=1.0");

@@ -419,6 +419,23 @@ async fn handle(
     };
     let keep_alive = head.keep_alive && !knobs.close;
     let method = head.method.as_str();
+    if method == "HEAD" {
+        // Every route answers with a body; keep the framing right for HEAD.
+        let mut wbuf = wbuf;
+        write_status_line(&mut wbuf, 405);
+        wbuf.extend_from_slice(b"Allow: GET, POST\r\nContent-Length: 0\r\n");
+        if !keep_alive {
+            wbuf.extend_from_slice(b"Connection: close\r\n");
+        }
+        wbuf.extend_from_slice(b"\r\n");
+        let (res, wbuf) = write_buf(stream, wbuf).await;
+        let next = if res.is_ok() && keep_alive {
+            Next::KeepAlive
+        } else {
+            Next::Close
+        };
+        return (next, wbuf);
+    }
 
     if is_internal {
         return match (method, path) {
