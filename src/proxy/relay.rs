@@ -66,6 +66,11 @@ async fn watched<F: Future, W: Future<Output = BufResult<usize, BytesMut>>>(
 ) -> Result<F::Output, ()> {
     let mut main = pin!(main);
     poll_fn(|cx| {
+        // The work in progress wins a tie: a client that closes right after the last byte it
+        // wanted has not aborted anything.
+        if let Poll::Ready(x) = main.as_mut().poll(cx) {
+            return Poll::Ready(Ok(x));
+        }
         if st.live {
             if let Poll::Ready((res, buf)) = watch.as_mut().poll(cx) {
                 st.live = false;
@@ -79,7 +84,7 @@ async fn watched<F: Future, W: Future<Output = BufResult<usize, BytesMut>>>(
                 }
             }
         }
-        main.as_mut().poll(cx).map(Ok)
+        Poll::Pending
     })
     .await
 }
@@ -588,10 +593,8 @@ async fn relay_response<W: Future<Output = BufResult<usize, BytesMut>>>(
             if reencode {
                 out.wbuf.extend_from_slice(LAST_CHUNK);
             }
-            let write = out.flush(forward.idle_timeout);
-            watched(write, watch_fut.as_mut(), watch, parked)
+            out.flush(forward.idle_timeout)
                 .await
-                .map_err(|_| (Failure::ClientGone, head_sent))?
                 .map_err(|_| (Failure::ClientGone, head_sent))?;
             let reusable = resp.keep_alive && conn.rbuf.is_empty();
             let after = if keep_client {
@@ -601,13 +604,10 @@ async fn relay_response<W: Future<Output = BufResult<usize, BytesMut>>>(
             };
             return Ok((status, after, reusable));
         }
-        if !out.wbuf.is_empty() {
-            let write = out.flush(forward.idle_timeout);
-            watched(write, watch_fut.as_mut(), watch, parked)
-                .await
-                .map_err(|_| (Failure::ClientGone, head_sent))?
-                .map_err(|_| (Failure::ClientGone, head_sent))?;
-        }
+        // A client that is gone fails this write; one that stopped reading times it out.
+        out.flush(forward.idle_timeout)
+            .await
+            .map_err(|_| (Failure::ClientGone, head_sent))?;
         let deadline = if streamed {
             Instant::now() + client.stream_idle_timeout
         } else {
