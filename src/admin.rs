@@ -423,6 +423,7 @@ fn status_json(m: &Merged, config: &Config, health: &Health, now: Instant) -> se
                 "deltas_received": p.deltas_received,
                 "deltas_dropped": p.failed_sends,
                 "deltas_lost": p.deltas_lost,
+                "requests": p.requests,
             })
         })
         .collect();

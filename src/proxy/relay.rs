@@ -363,6 +363,21 @@ async fn upstream_exchange(
     }
     .await;
 
+    // The upstream answer is complete: free its connection before the last client write, so a
+    // client that reconnects at once finds it in the pool.
+    let result = match result {
+        Ok((status, after, reusable)) => {
+            if reusable {
+                ctx.pool.put(uidx, conn, client.pool_max_idle);
+            }
+            match d.out.flush(ctx.config.forwards[fwd].idle_timeout).await {
+                Ok(()) => Ok((status, after)),
+                Err(_) => Err((Failure::ClientGone, Sent::Head(status))),
+            }
+        }
+        Err(e) => Err(e),
+    };
+
     // Stop watching and take back whatever the client sent meanwhile (a pipelined request).
     if watch.live {
         let _c = canceller.cancel();
@@ -375,16 +390,10 @@ async fn upstream_exchange(
         d.inp.rbuf = parked;
     }
 
-    match result {
-        Ok((status, after, reusable)) => {
-            if reusable {
-                ctx.pool.put(uidx, conn, client.pool_max_idle);
-            }
-            let after = if watch.gone { After::Close } else { after };
-            Ok((status, after))
-        }
-        Err(e) => Err(e),
-    }
+    result.map(|(status, after)| {
+        let after = if watch.gone { After::Close } else { after };
+        (status, after)
+    })
 }
 
 fn is_idempotent(head: &http::request::Parts) -> bool {
@@ -514,8 +523,8 @@ async fn send_body(
     }
 }
 
-/// Writes the response head and relays the body. Returns (status, keep client?, upstream
-/// connection reusable?).
+/// Writes the response head and relays the body, leaving its last bytes in `out.wbuf`. Returns
+/// (status, keep client?, upstream connection reusable?).
 #[allow(clippy::too_many_arguments)]
 async fn relay_response<W: Future<Output = BufResult<usize, BytesMut>>>(
     ctx: &ShardCtx,
@@ -590,12 +599,10 @@ async fn relay_response<W: Future<Output = BufResult<usize, BytesMut>>>(
             }
         }
         if done {
+            // The caller writes these last bytes after it has pooled the upstream connection.
             if reencode {
                 out.wbuf.extend_from_slice(LAST_CHUNK);
             }
-            out.flush(forward.idle_timeout)
-                .await
-                .map_err(|_| (Failure::ClientGone, head_sent))?;
             let reusable = resp.keep_alive && conn.rbuf.is_empty();
             let after = if keep_client {
                 After::KeepAlive

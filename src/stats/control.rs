@@ -59,6 +59,8 @@ pub struct ShardProgress {
     pub failed_sends: u64,
     /// Deltas missing from the sequence (never expected: a shard keeps unsent deltas).
     pub deltas_lost: u64,
+    /// Downstream requests this shard finished (how the kernel's SO_REUSEPORT spread the load).
+    pub requests: u64,
 }
 
 /// Cumulative merged statistics of all shards (control thread writes, admin thread reads).
@@ -135,6 +137,7 @@ impl Merged {
                 deltas_folded: 0,
                 failed_sends: 0,
                 deltas_lost: 0,
+                requests: 0,
             });
         let first_covered = delta.seq.saturating_sub(delta.folded);
         p.deltas_lost += first_covered.saturating_sub(p.last_seq + 1);
@@ -144,6 +147,11 @@ impl Merged {
         p.deltas_folded += delta.folded;
         p.failed_sends += delta.failed_sends;
 
+        p.requests += delta
+            .http
+            .iter()
+            .map(|s| s.duration.buckets.iter().sum::<u64>())
+            .sum::<u64>();
         for s in delta.http {
             let path = match self.forwards.get_mut(s.forward) {
                 Some(f) => admit_path(&mut f.paths, s.path),

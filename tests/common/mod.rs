@@ -59,7 +59,9 @@ impl Mock {
     }
 
     pub fn stat(&self, key: &str) -> u64 {
-        self.stats()[key].as_u64().unwrap_or_else(|| panic!("no stat {key}"))
+        self.stats()[key]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no stat {key}"))
     }
 }
 
@@ -105,7 +107,12 @@ impl Drop for TempDir {
 /// A standard config: one forward on `{PORT}` to group `g` of one upstream `u` (the mock at
 /// `{UPSTREAM}` with base path `/v1`), admin on `{ADMIN}`. `extra_upstream` and `extra_group`
 /// are YAML lines appended (indented) to the upstream and the group.
-pub fn config(mock_port: u16, extra_forward: &str, extra_upstream: &str, extra_group: &str) -> String {
+pub fn config(
+    mock_port: u16,
+    extra_forward: &str,
+    extra_upstream: &str,
+    extra_group: &str,
+) -> String {
     format!(
         "http_server:
   forwards:
@@ -426,7 +433,13 @@ impl Client {
         (std::mem::take(&mut self.buf), closed)
     }
 
-    pub fn request(&mut self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Response {
+    pub fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Response {
         let mut req = format!("{method} {path} HTTP/1.1\r\nhost: test\r\n");
         for (n, v) in headers {
             req.push_str(&format!("{n}: {v}\r\n"));
@@ -443,7 +456,13 @@ impl Client {
 }
 
 /// One request on a fresh connection.
-pub fn request(port: u16, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Response {
+pub fn request(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Response {
     Client::connect(port).request(method, path, headers, body)
 }
 

@@ -1,0 +1,604 @@
+//! End-to-end behaviour of llmproxyd against the mock upstream: what a client and the upstream
+//! see on the wire.
+
+mod common;
+
+use std::io::Read;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// A config whose upstream base path is `base` (the mock answers `/echo*` at its root).
+fn echo_config(mock: &Mock, base: &str, upstream_extra: &str, group_extra: &str) -> String {
+    config(mock.port(), "", upstream_extra, group_extra).replace(
+        &format!("url: http://127.0.0.1:{}/v1", mock.port()),
+        &format!("url: http://127.0.0.1:{}{base}", mock.port()),
+    )
+}
+
+fn sse_body(stream: bool) -> Vec<u8> {
+    format!(r#"{{"model":"m","stream":{stream},"messages":[{{"role":"user","content":"hi"}}]}}"#)
+        .into_bytes()
+}
+
+/// Reads an SSE response as it arrives: (arrival time of each `data:` event, response complete
+/// with the last chunk, connection closed).
+fn read_events(c: &mut Client, limit: Duration) -> (Vec<(Instant, String)>, bool, bool) {
+    c.stream.set_read_timeout(Some(limit)).unwrap();
+    let mut raw = Vec::new();
+    let mut events = Vec::new();
+    let mut seen = 0;
+    let mut tmp = [0u8; 65536];
+    let (complete, closed) = loop {
+        match c.stream.read(&mut tmp) {
+            Ok(0) => break (false, true),
+            Ok(n) => {
+                let now = Instant::now();
+                raw.extend_from_slice(&tmp[..n]);
+                let text = String::from_utf8_lossy(&raw).into_owned();
+                let found: Vec<String> = text
+                    .split("data: ")
+                    .skip(1)
+                    .map(|e| e.split("\n\n").next().unwrap().to_string())
+                    .collect();
+                for e in &found[seen.min(found.len())..] {
+                    if text.contains(&format!("data: {e}\n\n")) {
+                        events.push((now, e.clone()));
+                    }
+                }
+                seen = events.len();
+                if raw.ends_with(b"\r\n0\r\n\r\n") {
+                    break (true, false);
+                }
+            }
+            Err(_) => break (false, false),
+        }
+    };
+    (events, complete, closed)
+}
+
+#[test]
+fn json_and_sse_answers_flow_through() {
+    let mock = Mock::start(&[]);
+    let proxy = Proxy::start(&config(mock.port(), "", "", ""), &[]);
+    let r = request(
+        proxy.port,
+        "POST",
+        "/v1/chat/completions",
+        &[("content-type", "application/json")],
+        &sse_body(false),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["object"], "chat.completion");
+    assert!(r.json()["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .starts_with("tok0"));
+
+    let mut c = Client::connect(proxy.port);
+    c.send(&post(
+        "/v1/chat/completions",
+        &[("x-mock-tokens", "5")],
+        &sse_body(true),
+    ));
+    let r = c.read_response("POST").unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-type"), Some("text/event-stream"));
+    assert!(r.chunked_complete, "stream ended with the last chunk");
+    let text = r.text();
+    assert_eq!(text.matches("data: {").count(), 5, "{text}");
+    assert!(text.ends_with("data: [DONE]\n\n"));
+}
+
+fn post(path: &str, headers: &[(&str, &str)], body: &[u8]) -> Vec<u8> {
+    let mut req = format!(
+        "POST {path} HTTP/1.1\r\nhost: test\r\ncontent-type: application/json\r\ncontent-length: {}\r\n",
+        body.len()
+    );
+    for (n, v) in headers {
+        req.push_str(&format!("{n}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    let mut b = req.into_bytes();
+    b.extend_from_slice(body);
+    b
+}
+
+#[test]
+fn sse_events_keep_their_pacing() {
+    let mock = Mock::start(&[]);
+    let proxy = Proxy::start(&config(mock.port(), "", "", ""), &[]);
+    let mut c = Client::connect(proxy.port);
+    let start = Instant::now();
+    c.send(&post(
+        "/v1/chat/completions",
+        &[("x-mock-tokens", "5"), ("x-mock-gap-ms", "200")],
+        &sse_body(true),
+    ));
+    let (events, complete, _) = read_events(&mut c, Duration::from_secs(5));
+    assert!(complete);
+    assert_eq!(events.len(), 6, "5 tokens and [DONE]");
+    // The first token is due at once; each later one 200 ms after the previous.
+    assert!(events[0].0 - start < Duration::from_millis(150));
+    for w in events[..5].windows(2) {
+        let gap = w[1].0 - w[0].0;
+        assert!(
+            gap >= Duration::from_millis(150) && gap <= Duration::from_millis(400),
+            "events arrived {gap:?} apart: batched or delayed"
+        );
+    }
+}
+
+#[test]
+fn path_is_joined_with_the_base_path_once_and_query_kept() {
+    let mock = Mock::start(&[]);
+    let proxy = Proxy::start(&echo_config(&mock, "/echo/v1", "", ""), &[]);
+    for (client, upstream) in [
+        (
+            "/echo/v1/chat/completions?x=1&y=%20",
+            "/echo/v1/chat/completions?x=1&y=%20",
+        ),
+        ("/chat/completions?x=1", "/echo/v1/chat/completions?x=1"),
+        ("/echo/v10", "/echo/v1/echo/v10"),
+    ] {
+        let r = proxy.get(client);
+        assert_eq!(r.status, 200, "{client}: {}", r.text());
+        assert_eq!(r.json()["path"], upstream, "client path {client}");
+    }
+    // Absolute-form targets are served by their path.
+    let mut c = Client::connect(proxy.port);
+    c.send(b"GET http://elsewhere.example/models HTTP/1.1\r\nhost: elsewhere.example\r\n\r\n");
+    let r = c.read_response("GET").unwrap();
+    assert_eq!(r.json()["path"], "/echo/v1/models");
+}
+
+#[test]
+fn headers_are_rewritten_for_the_upstream() {
+    let mock = Mock::start(&[]);
+    let up = "    auth:
+      type: bearer
+      token: ${LLMPROXY_TEST_TOKEN}
+    headers:
+      - {op: insert, key: X-Ins, value: proxy}
+      - {op: insert, key: X-New, value: proxy}
+      - {op: replace, key: X-Rep, value: proxy}
+      - {op: remove, key: X-Del}";
+    let group = "    http_client:\n      agent: test-agent/1";
+    let yaml = echo_config(&mock, "", up, group);
+    std::env::set_var("LLMPROXY_TEST_TOKEN", "s3cret-token");
+    let proxy = Proxy::start(&yaml, &[]);
+    let mut c = Client::connect(proxy.port);
+    c.send(
+        b"POST /echo HTTP/1.1\r\nHost: client.example\r\nAuthorization: Bearer client-key\r\n\
+Connection: keep-alive, X-Hop\r\nX-Hop: 1\r\nKeep-Alive: timeout=5\r\nTE: trailers\r\n\
+Proxy-Authorization: Basic eA==\r\nX-Forwarded-For: 203.0.113.7\r\nUser-Agent: curl/8\r\n\
+X-Ins: client\r\nX-Rep: client\r\nX-Del: client\r\nX-Keep: yes\r\nContent-Length: 2\r\n\r\nhi",
+    );
+    let r = c.read_response("POST").unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    let headers: Vec<(String, String)> = v["headers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| {
+            (
+                h[0].as_str().unwrap().to_ascii_lowercase(),
+                h[1].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let all = |n: &str| -> Vec<&str> {
+        headers
+            .iter()
+            .filter(|(k, _)| k == n)
+            .map(|(_, v)| v.as_str())
+            .collect()
+    };
+    assert_eq!(all("host"), [format!("127.0.0.1:{}", mock.port()).as_str()]);
+    assert_eq!(
+        all("authorization"),
+        ["Bearer s3cret-token"],
+        "auth replaces the client's"
+    );
+    for hop in [
+        "connection",
+        "x-hop",
+        "keep-alive",
+        "te",
+        "proxy-authorization",
+    ] {
+        assert!(
+            all(hop).is_empty(),
+            "{hop} must not be forwarded: {headers:?}"
+        );
+    }
+    assert_eq!(all("x-forwarded-for"), ["203.0.113.7, 127.0.0.1"]);
+    assert_eq!(all("x-forwarded-proto"), ["http"]);
+    assert_eq!(all("user-agent"), ["test-agent/1"]);
+    assert_eq!(
+        all("x-ins"),
+        ["client"],
+        "insert keeps a header the client sent"
+    );
+    assert_eq!(all("x-new"), ["proxy"]);
+    assert_eq!(all("x-rep"), ["proxy"]);
+    assert!(all("x-del").is_empty());
+    assert_eq!(all("x-keep"), ["yes"]);
+    assert_eq!(all("content-length"), ["2"]);
+    assert_eq!(v["body"], "hi");
+    // The secret never reaches the logs.
+    drop(c);
+    assert!(!proxy.log_text().contains("s3cret-token"));
+}
+
+#[test]
+fn sequential_requests_reuse_one_upstream_connection() {
+    let mock = Mock::start(&[]);
+    let proxy = Proxy::start(&config(mock.port(), "", "", ""), &["--shards", "1"]);
+    let mut c = Client::connect(proxy.port);
+    for _ in 0..3 {
+        let r = c.request("GET", "/v1/models", &[], b"");
+        assert_eq!(r.status, 200);
+        assert!(!r.closed);
+    }
+    // New client connections on the same shard reuse the pooled upstream connection too.
+    for _ in 0..3 {
+        assert_eq!(proxy.get("/v1/models").status, 200);
+    }
+    // One stats call: its own connection is the second one the mock accepted.
+    let s = mock.stats();
+    assert_eq!(s["requests"], 6);
+    assert_eq!(s["connections_accepted"], 2, "{s}");
+}
+
+#[test]
+fn two_shards_both_serve() {
+    let mock = Mock::start(&[]);
+    let proxy = Proxy::start(&config(mock.port(), "", "", ""), &["--shards", "2"]);
+    for _ in 0..64 {
+        assert_eq!(proxy.get("/v1/models").status, 200);
+    }
+    let ok = eventually(Duration::from_secs(3), || {
+        let s = proxy.admin_get("/status").json();
+        let shards = s["shards"].as_array().cloned().unwrap_or_default();
+        shards.len() == 2
+            && shards
+                .iter()
+                .all(|x| x["requests"].as_u64().unwrap_or(0) > 0)
+            && shards
+                .iter()
+                .map(|x| x["requests"].as_u64().unwrap())
+                .sum::<u64>()
+                == 64
+    });
+    assert!(ok, "{}", proxy.admin_get("/status").text());
+    assert!(proxy.log_text().contains("shards=2"));
+}
+
+#[test]
+fn upstream_cut_mid_stream_cuts_the_client() {
+    let mock = Mock::start(&[]);
+    let proxy = Proxy::start(&config(mock.port(), "", "", ""), &[]);
+    let mut c = Client::connect(proxy.port);
+    c.send(&post(
+        "/v1/chat/completions",
+        &[("x-mock-tokens", "10"), ("x-mock-cut-after", "3")],
+        &sse_body(true),
+    ));
+    let r = c.read_response("POST").unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.text().matches("data: {").count(),
+        3,
+        "what arrived arrives"
+    );
+    assert!(!r.chunked_complete, "never a fake clean end");
+    assert!(r.closed);
+}
+
+#[test]
+fn client_abort_closes_the_upstream_stream() {
+    let mock = Mock::start(&[]);
+    let proxy = Proxy::start(&config(mock.port(), "", "", ""), &[]);
+    let mut c = Client::connect(proxy.port);
+    c.send(&post(
+        "/v1/chat/completions",
+        &[("x-mock-tokens", "100"), ("x-mock-gap-ms", "100")],
+        &sse_body(true),
+    ));
+    let mut tmp = [0u8; 4096];
+    let mut got = Vec::new();
+    while got.windows(6).filter(|w| w == b"data: ").count() < 2 {
+        let n = c.stream.read(&mut tmp).unwrap();
+        assert!(n > 0);
+        got.extend_from_slice(&tmp[..n]);
+    }
+    let left = Instant::now();
+    drop(c);
+    assert!(
+        eventually(Duration::from_secs(1), || mock
+            .stat("streams_aborted_by_client")
+            == 1),
+        "upstream still streaming 1 s after the client left: {}",
+        mock.stats()
+    );
+    assert!(left.elapsed() < Duration::from_millis(1500));
+    assert_eq!(mock.stat("streams_completed"), 0);
+}
+
+#[test]
+fn client_abort_while_waiting_for_the_first_token() {
+    let mock = Mock::start(&[]);
+    let proxy = Proxy::start(&config(mock.port(), "", "", ""), &[]);
+    let mut c = Client::connect(proxy.port);
+    c.send(&post(
+        "/v1/chat/completions",
+        &[("x-mock-ttft-ms", "5000"), ("x-mock-tokens", "3")],
+        &sse_body(true),
+    ));
+    // The head arrives at once; no token for 5 s.
+    let mut tmp = [0u8; 4096];
+    let _ = c.stream.read(&mut tmp).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    drop(c);
+    let left = Instant::now();
+    assert!(
+        eventually(Duration::from_secs(2), || mock
+            .stat("streams_aborted_by_client")
+            == 1),
+        "upstream still waiting to stream after the client left: {}",
+        mock.stats()
+    );
+    assert!(left.elapsed() < Duration::from_millis(1500));
+}
+
+#[test]
+fn unreachable_upstream_is_502_json() {
+    let port = free_port();
+    let proxy = Proxy::start(&config(port, "", "", ""), &[]);
+    let r = proxy.get("/v1/models");
+    assert_eq!(r.status, 502);
+    assert_eq!(r.json()["error"]["code"], "upstream_unreachable");
+    assert!(r.json()["error"]["message"].is_string());
+    assert_eq!(r.json()["error"]["type"], "server_error");
+}
+
+#[test]
+fn slow_first_byte_is_504_within_the_timeout() {
+    let mock = Mock::start(&[]);
+    let group = "    http_client:\n      timeout:\n        request: 1";
+    let proxy = Proxy::start(&config(mock.port(), "", "", group), &[]);
+    let t = Instant::now();
+    let r = request(
+        proxy.port,
+        "GET",
+        "/v1/models",
+        &[("x-mock-delay-ms", "5000")],
+        b"",
+    );
+    assert_eq!(r.status, 504);
+    assert_eq!(r.json()["error"]["code"], "upstream_timeout");
+    let took = t.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_millis(3000),
+        "{took:?}"
+    );
+}
+
+#[test]
+fn a_slow_live_stream_outlives_the_request_timeout() {
+    let mock = Mock::start(&[]);
+    // 1 s total for non-streamed answers; the stream lasts ~2 s.
+    let group = "    http_client:\n      timeout:\n        request: 1";
+    let proxy = Proxy::start(&config(mock.port(), "", "", group), &[]);
+    let mut c = Client::connect(proxy.port);
+    c.send(&post(
+        "/v1/chat/completions",
+        &[("x-mock-tokens", "10"), ("x-mock-gap-ms", "200")],
+        &sse_body(true),
+    ));
+    let r = c.read_response("POST").unwrap();
+    assert!(r.chunked_complete, "stream cut: {}", r.text());
+    assert_eq!(r.text().matches("data: {").count(), 10);
+
+    // With `stream: false` the same timeout bounds the whole answer: the stream is cut.
+    let group = "    http_client:\n      stream: false\n      timeout:\n        request: 1";
+    let proxy = Proxy::start(&config(mock.port(), "", "", group), &[]);
+    let mut c = Client::connect(proxy.port);
+    let t = Instant::now();
+    c.send(&post(
+        "/v1/chat/completions",
+        &[("x-mock-tokens", "10"), ("x-mock-gap-ms", "200")],
+        &sse_body(true),
+    ));
+    let r = c.read_response("POST").unwrap();
+    assert!(!r.chunked_complete && r.closed);
+    assert!(t.elapsed() < Duration::from_millis(1800));
+}
+
+#[test]
+fn a_stalled_stream_is_cut_after_the_idle_gap() {
+    let mock = Mock::start(&[]);
+    let group = "    http_client:\n      timeout:\n        stream_idle: 1";
+    let proxy = Proxy::start(&config(mock.port(), "", "", group), &[]);
+    let mut c = Client::connect(proxy.port);
+    let t = Instant::now();
+    c.send(&post(
+        "/v1/chat/completions",
+        &[("x-mock-tokens", "3"), ("x-mock-gap-ms", "3000")],
+        &sse_body(true),
+    ));
+    let r = c.read_response("POST").unwrap();
+    assert_eq!(r.text().matches("data: {").count(), 1);
+    assert!(!r.chunked_complete && r.closed);
+    let took = t.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_millis(2500),
+        "{took:?}"
+    );
+}
+
+#[test]
+fn request_bodies_stream_in_both_framings() {
+    let mock = Mock::start(&[]);
+    let proxy = Proxy::start(&echo_config(&mock, "", "", ""), &[]);
+    let mut c = Client::connect(proxy.port);
+    c.send(b"POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n");
+    std::thread::sleep(Duration::from_millis(100));
+    c.send(b"6;ext=1\r\n world\r\n");
+    std::thread::sleep(Duration::from_millis(100));
+    c.send(b"0\r\nX-Trailer: t\r\n\r\n");
+    let r = c.read_response("POST").unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["body"], "hello world");
+    assert_eq!(r.json()["body_len"], 11);
+
+    let big = vec![b'x'; 300_000];
+    let r = c.request("POST", "/echo", &[], &big);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["body_len"], 300_000);
+}
+
+#[test]
+fn every_response_framing_is_relayed() {
+    let mock = Mock::start(&[]);
+    let proxy = Proxy::start(&config(mock.port(), "", "", ""), &[]);
+    for framing in ["chunked", "length", "close"] {
+        let mut c = Client::connect(proxy.port);
+        c.send(&post(
+            "/v1/chat/completions",
+            &[("x-mock-tokens", "4"), ("x-mock-framing", framing)],
+            &sse_body(true),
+        ));
+        let r = c.read_response("POST").unwrap();
+        assert_eq!(r.status, 200, "{framing}");
+        assert_eq!(r.text().matches("data: {").count(), 4, "{framing}");
+        assert!(r.text().ends_with("data: [DONE]\n\n"), "{framing}");
+        match framing {
+            "length" => assert!(r.header("content-length").is_some()),
+            // A close-delimited upstream body becomes chunked for an HTTP/1.1 client, so the
+            // client can tell a complete answer from a cut one and keep its connection.
+            _ => assert!(r.chunked_complete, "{framing}"),
+        }
+        assert!(!r.closed, "{framing}: client connection kept alive");
+    }
+    // An HTTP/1.0 client gets a close-delimited body.
+    let mut c = Client::connect(proxy.port);
+    let body = sse_body(true);
+    c.send(
+        &[
+            format!(
+                "POST /v1/chat/completions HTTP/1.0\r\ncontent-length: {}\r\nx-mock-tokens: 2\r\n\r\n",
+                body.len()
+            )
+            .as_bytes(),
+            &body,
+        ]
+        .concat(),
+    );
+    let r = c.read_response("POST").unwrap();
+    assert_eq!(r.text().matches("data: {").count(), 2);
+    assert!(r.closed);
+}
+
+#[test]
+fn shutdown_drains_a_live_stream_then_exits_zero() {
+    let mock = Mock::start(&[]);
+    let mut proxy = Proxy::start(&config(mock.port(), "", "", ""), &[]);
+    let mut c = Client::connect(proxy.port);
+    c.send(&post(
+        "/v1/chat/completions",
+        &[("x-mock-tokens", "10"), ("x-mock-gap-ms", "100")],
+        &sse_body(true),
+    ));
+    let mut tmp = [0u8; 4096];
+    let first = c.stream.read(&mut tmp).unwrap();
+    assert!(first > 0);
+    proxy.signal(libc::SIGTERM);
+    // New connections are refused while the stream finishes.
+    assert!(eventually(Duration::from_secs(2), || {
+        std::net::TcpStream::connect(("127.0.0.1", proxy.port)).is_err()
+    }));
+    let mut rest = tmp[..first].to_vec();
+    loop {
+        match c.stream.read(&mut tmp) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => rest.extend_from_slice(&tmp[..n]),
+        }
+    }
+    let text = String::from_utf8_lossy(&rest);
+    assert_eq!(text.matches("data: {").count(), 10, "{text}");
+    assert!(text.ends_with("0\r\n\r\n"), "the stream ended cleanly");
+    let st = proxy.wait_exit(Duration::from_secs(5)).expect("exited");
+    assert!(st.success(), "{st}");
+}
+
+#[test]
+fn second_signal_exits_at_once() {
+    let mock = Mock::start(&[]);
+    let mut proxy = Proxy::start(
+        &config(mock.port(), "", "", ""),
+        &["--shutdown-timeout", "60"],
+    );
+    let mut c = Client::connect(proxy.port);
+    c.send(&post(
+        "/v1/chat/completions",
+        &[("x-mock-tokens", "100"), ("x-mock-gap-ms", "100")],
+        &sse_body(true),
+    ));
+    let mut tmp = [0u8; 1024];
+    let _ = c.stream.read(&mut tmp).unwrap();
+    proxy.signal(libc::SIGTERM);
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        proxy.wait_exit(Duration::from_millis(10)).is_none(),
+        "still draining"
+    );
+    proxy.signal(libc::SIGINT);
+    assert!(proxy.wait_exit(Duration::from_secs(2)).is_some());
+}
+
+#[test]
+fn admin_serves_health_ping_and_metrics() {
+    let mock = Mock::start(&[]);
+    let proxy = Proxy::start(&config(mock.port(), "", "", ""), &[]);
+    assert!(eventually(Duration::from_secs(2), || proxy
+        .admin_get("/health")
+        .status
+        == 200));
+    assert_eq!(proxy.admin_get("/ping").status, 200);
+    assert_eq!(proxy.get("/v1/models").status, 200);
+    assert!(eventually(Duration::from_secs(2), || {
+        let m = proxy.admin_get("/metrics").text();
+        m.contains(
+            "llmproxy_http_requests_total{forward=\"f\",method=\"GET\",path=\"/v1/models\"} 1",
+        ) && m.contains("llmproxy_upstream_requests_total{group=\"g\",upstream=\"u\"} 1")
+    }));
+    let m = proxy.admin_get("/metrics").text();
+    for family in [
+        "llmproxy_http_requests_total",
+        "llmproxy_http_request_duration_seconds",
+        "llmproxy_http_request_errors_total",
+        "llmproxy_upstream_requests_total",
+        "llmproxy_upstream_duration_seconds",
+        "llmproxy_upstream_errors_total",
+    ] {
+        assert!(m.contains(&format!("# TYPE {family} ")), "{family} missing");
+    }
+}
+
+#[test]
+fn epoll_driver_serves_too() {
+    let mock = Mock::start(&[]);
+    let proxy = Proxy::start(&config(mock.port(), "", "", ""), &["--driver", "epoll"]);
+    let mut c = Client::connect(proxy.port);
+    c.send(&post(
+        "/v1/chat/completions",
+        &[("x-mock-tokens", "3"), ("x-mock-gap-ms", "20")],
+        &sse_body(true),
+    ));
+    let r = c.read_response("POST").unwrap();
+    assert!(r.chunked_complete);
+    assert!(proxy.log_text().contains("driver=\"epoll\""));
+}
