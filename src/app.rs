@@ -70,6 +70,36 @@ fn resolve_upstreams(cfg: &Config) -> Result<Vec<std::net::SocketAddr>, String> 
         .collect()
 }
 
+/// Warns about configured features this build does not enforce yet, so a config that loads is
+/// never mistaken for one that is fully in effect.
+fn warn_unimplemented(cfg: &Config) {
+    use crate::config::{Scheme, Strategy};
+    for f in &cfg.forwards {
+        if f.ratelimit.is_some() {
+            tracing::warn!(forward = %f.name, "ratelimit is configured but not enforced yet");
+        }
+    }
+    for g in &cfg.groups {
+        if g.strategy != Strategy::RoundRobin {
+            tracing::warn!(group = %g.name, strategy = ?g.strategy, "balance strategy not implemented yet; using roundrobin");
+        }
+        if g.client.retry.is_some() {
+            tracing::warn!(group = %g.name, "retry is configured but not performed yet");
+        }
+        if g.client.proxy.is_some() {
+            tracing::warn!(group = %g.name, "outbound proxy is configured but not used yet");
+        }
+    }
+    for u in &cfg.upstreams {
+        if u.scheme == Scheme::Https {
+            tracing::error!(upstream = %u.name, "https upstreams are not supported yet; requests to it answer 502");
+        }
+        if u.ratelimit_per_second.is_some() {
+            tracing::warn!(upstream = %u.name, "upstream ratelimit is configured but not enforced yet");
+        }
+    }
+}
+
 /// Runs the proxy; returns the process exit code.
 pub fn run(cli: Cli) -> ExitCode {
     init_logging(&cli);
@@ -100,6 +130,7 @@ pub fn run(cli: Cli) -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    warn_unimplemented(&cfg);
     if cli.test {
         println!(
             "llmproxyd: configuration {} is valid",

@@ -184,6 +184,12 @@ pub mod errors {
         "upstream_unreachable",
         "could not connect to the upstream",
     );
+    pub const UPSTREAM_TLS_UNSUPPORTED: ErrorReply = ErrorReply::new(
+        502,
+        "server_error",
+        "upstream_tls_unsupported",
+        "https upstreams are not supported by this version of llmproxy",
+    );
     pub const UPSTREAM_BAD_RESPONSE: ErrorReply = ErrorReply::new(
         502,
         "server_error",

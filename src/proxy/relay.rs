@@ -404,6 +404,13 @@ fn is_idempotent(head: &http::request::Parts) -> bool {
 }
 
 async fn connect(ctx: &ShardCtx, uidx: usize, group: &Group) -> Result<UpConn, Failure> {
+    if ctx.config.upstreams[uidx].scheme == crate::config::Scheme::Https {
+        // Never send plaintext to a TLS port.
+        return Err(Failure::Upstream(
+            errors::UPSTREAM_TLS_UNSUPPORTED,
+            UpstreamErrorKind::Connect,
+        ));
+    }
     let addr = ctx.addrs[uidx];
     match UpConn::connect(
         addr,
