@@ -602,3 +602,40 @@ fn epoll_driver_serves_too() {
     assert!(r.chunked_complete);
     assert!(proxy.log_text().contains("driver=\"epoll\""));
 }
+
+#[test]
+fn a_restarted_upstream_leaves_no_stale_connection_behind() {
+    let mock = Mock::start(&[]);
+    let port = mock.port();
+    let proxy = Proxy::start(&config(port, "", "", ""), &["--shards", "1"]);
+    assert_eq!(proxy.get("/v1/models").status, 200);
+    // The upstream restarts: the pooled connection is now closed at the far end.
+    drop(mock);
+    let listen = format!("127.0.0.1:{port}");
+    let mock = Mock::start(&["--listen", &listen]);
+    // A POST, which is never replayed: it must go out on a fresh connection in the first place.
+    let r = request(
+        proxy.port,
+        "POST",
+        "/v1/chat/completions",
+        &[],
+        &sse_body(false),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(mock.stat("requests"), 1);
+}
+
+#[test]
+fn pooled_connections_idle_out() {
+    let mock = Mock::start(&[]);
+    let group = "    http_client:\n      timeout:\n        idle: 5";
+    let proxy = Proxy::start(&config(mock.port(), "", "", group), &["--shards", "1"]);
+    assert_eq!(proxy.get("/v1/models").status, 200);
+    assert_eq!(proxy.get("/v1/models").status, 200);
+    std::thread::sleep(Duration::from_millis(5300));
+    assert_eq!(proxy.get("/v1/models").status, 200);
+    let s = mock.stats();
+    assert_eq!(s["requests"], 3);
+    // Two upstream connections (before and after the idle timeout) and this stats call.
+    assert_eq!(s["connections_accepted"], 3, "{s}");
+}

@@ -28,8 +28,13 @@ pub struct Mock {
 
 impl Mock {
     pub fn start(args: &[&str]) -> Mock {
+        let default_listen: &[&str] = if args.contains(&"--listen") {
+            &[]
+        } else {
+            &["--listen", "127.0.0.1:0"]
+        };
         let mut child = Command::new(MOCK_BIN)
-            .args(["--listen", "127.0.0.1:0"])
+            .args(default_listen)
             .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
