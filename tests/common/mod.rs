@@ -59,7 +59,9 @@ impl Mock {
     }
 
     pub fn stat(&self, key: &str) -> u64 {
-        self.stats()[key].as_u64().unwrap_or_else(|| panic!("no stat {key}"))
+        self.stats()[key]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no stat {key}"))
     }
 }
 
@@ -105,7 +107,28 @@ impl Drop for TempDir {
 /// A standard config: one forward on `{PORT}` to group `g` of one upstream `u` (the mock at
 /// `{UPSTREAM}` with base path `/v1`), admin on `{ADMIN}`. `extra_upstream` and `extra_group`
 /// are YAML lines appended (indented) to the upstream and the group.
-pub fn config(mock_port: u16, extra_forward: &str, extra_upstream: &str, extra_group: &str) -> String {
+pub fn config(
+    mock_port: u16,
+    extra_forward: &str,
+    extra_upstream: &str,
+    extra_group: &str,
+) -> String {
+    config_with_url(
+        &format!("http://127.0.0.1:{mock_port}/v1"),
+        extra_forward,
+        extra_upstream,
+        extra_group,
+    )
+}
+
+/// [`config`] with the upstream at `url` (e.g. `http://127.0.0.1:{port}` with no base path, so
+/// that a client request to `/echo` reaches the mock's `/echo`).
+pub fn config_with_url(
+    url: &str,
+    extra_forward: &str,
+    extra_upstream: &str,
+    extra_group: &str,
+) -> String {
     format!(
         "http_server:
   forwards:
@@ -119,7 +142,7 @@ pub fn config(mock_port: u16, extra_forward: &str, extra_upstream: &str, extra_g
     port: {{ADMIN}}
 upstreams:
   - name: u
-    url: http://127.0.0.1:{mock_port}/v1
+    url: {url}
 {extra_upstream}
 upstream_groups:
   - name: g
@@ -285,6 +308,21 @@ impl Client {
         self.stream.write_all(bytes).expect("send");
     }
 
+    /// Like [`Client::send`], but a server that already closed is not a failure.
+    pub fn try_send(&mut self, bytes: &[u8]) -> bool {
+        self.stream.write_all(bytes).is_ok()
+    }
+
+    /// Half-closes the connection: the server reads EOF after what was sent.
+    pub fn shutdown_write(&mut self) {
+        let _ = self.stream.shutdown(std::net::Shutdown::Write);
+    }
+
+    /// Sets how long a single read waits (10 s unless changed).
+    pub fn set_read_timeout(&mut self, wait: Duration) {
+        self.stream.set_read_timeout(Some(wait)).unwrap();
+    }
+
     /// Reads more bytes; Ok(0) at EOF.
     fn fill(&mut self) -> std::io::Result<usize> {
         let mut tmp = [0u8; 16384];
@@ -426,7 +464,13 @@ impl Client {
         (std::mem::take(&mut self.buf), closed)
     }
 
-    pub fn request(&mut self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Response {
+    pub fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Response {
         let mut req = format!("{method} {path} HTTP/1.1\r\nhost: test\r\n");
         for (n, v) in headers {
             req.push_str(&format!("{n}: {v}\r\n"));
@@ -443,7 +487,13 @@ impl Client {
 }
 
 /// One request on a fresh connection.
-pub fn request(port: u16, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Response {
+pub fn request(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Response {
     Client::connect(port).request(method, path, headers, body)
 }
 
