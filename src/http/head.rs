@@ -103,12 +103,25 @@ pub fn take_request(
         return Err(HeadError::TooLarge(max));
     }
     let mut head_bytes = buf.split_to(end);
+    // httparse takes a lone LF as a line end, so `\r\n\n` would end the head for it early and
+    // the decoder would silently drop every header after it (a `Content-Length` among them,
+    // leaving the body to be read as the next request). Heads are CRLF-delimited here.
+    if has_bare_lf(&head_bytes) {
+        return Err(HeadError::Malformed("bare LF in request head"));
+    }
     let head = match RequestHeadDecoder.decode(&mut head_bytes) {
         Ok(Decoded::Some(h)) => h,
         Ok(_) => return Err(HeadError::Malformed("malformed request head")),
         Err(e) => return Err(map_decode_error(e)),
     };
     request_meta(head).map(Some)
+}
+
+/// A `\n` not preceded by `\r`.
+fn has_bare_lf(head: &[u8]) -> bool {
+    head.iter()
+        .enumerate()
+        .any(|(i, &b)| b == b'\n' && (i == 0 || head[i - 1] != b'\r'))
 }
 
 fn map_decode_error(e: DecodeError) -> HeadError {
@@ -405,6 +418,22 @@ mod tests {
         for (raw, want) in cases {
             let got = req(raw).map(|r| r.unwrap().framing).map_err(|_| ());
             assert_eq!(&got, want, "{raw:?}");
+        }
+    }
+
+    #[test]
+    fn bare_lf_in_a_head_is_refused() {
+        for raw in [
+            // The blank bare-LF line would end the head for httparse, hiding Content-Length.
+            "POST / HTTP/1.1\r\nHost: a\r\n\nContent-Length: 5\r\n\r\n",
+            "GET / HTTP/1.1\nHost: a\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\nX: 1\r\n\r\n",
+        ] {
+            assert_eq!(
+                req(raw).unwrap_err(),
+                HeadError::Malformed("bare LF in request head"),
+                "{raw:?}"
+            );
         }
     }
 
