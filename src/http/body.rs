@@ -39,6 +39,8 @@ pub enum BodyError {
     ChunkCrlf,
     #[error("chunk extension or trailer section too long")]
     LineTooLong,
+    #[error("body larger than the limit")]
+    TooLarge,
 }
 
 /// Longest chunk-size line (with extensions) and trailer section we accept.
@@ -65,6 +67,9 @@ pub struct BodyDecoder {
     remaining: u64,
     chunk: ChunkState,
     eof: bool,
+    /// Chunk sizes declared so far, checked against `limit` when each size line arrives.
+    declared: u64,
+    limit: u64,
 }
 
 impl BodyDecoder {
@@ -77,7 +82,16 @@ impl BodyDecoder {
             },
             chunk: ChunkState::Size,
             eof: false,
+            declared: 0,
+            limit: u64::MAX,
         }
+    }
+
+    /// Refuses a chunked body as soon as its declared sizes pass `limit` bytes, before the data
+    /// arrives (Content-Length is checked by the caller before reading).
+    pub fn with_limit(mut self, limit: u64) -> Self {
+        self.limit = limit;
+        self
     }
 
     pub fn framing(&self) -> Framing {
@@ -148,6 +162,10 @@ impl BodyDecoder {
                         return Ok(Step::NeedMore);
                     };
                     let size = parse_chunk_size(&buf[..end])?;
+                    self.declared = self.declared.saturating_add(size);
+                    if self.declared > self.limit {
+                        return Err(BodyError::TooLarge);
+                    }
                     buf.advance(end + 2);
                     self.chunk = if size == 0 {
                         ChunkState::Trailers(0)
@@ -372,6 +390,16 @@ mod tests {
                 String::from_utf8_lossy(bad)
             );
         }
+    }
+
+    #[test]
+    fn declared_chunk_past_the_limit_is_refused_at_its_size_line() {
+        let mut d = BodyDecoder::new(Framing::Chunked).with_limit(1024);
+        let mut buf = BytesMut::from(&b"400\r\n"[..]);
+        assert_eq!(d.decode(&mut buf), Ok(Step::NeedMore));
+        let mut d = BodyDecoder::new(Framing::Chunked).with_limit(1024);
+        let mut buf = BytesMut::from(&b"fffff\r\n"[..]);
+        assert_eq!(d.decode(&mut buf), Err(BodyError::TooLarge));
     }
 
     #[test]

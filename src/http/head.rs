@@ -103,12 +103,25 @@ pub fn take_request(
         return Err(HeadError::TooLarge(max));
     }
     let mut head_bytes = buf.split_to(end);
+    // httparse takes a lone LF as a line end, so `\r\n\n` would end the head for it early and
+    // the decoder would silently drop every header after it (a `Content-Length` among them,
+    // leaving the body to be read as the next request). Heads are CRLF-delimited here.
+    if has_bare_lf(&head_bytes) {
+        return Err(HeadError::Malformed("bare LF in request head"));
+    }
     let head = match RequestHeadDecoder.decode(&mut head_bytes) {
         Ok(Decoded::Some(h)) => h,
         Ok(_) => return Err(HeadError::Malformed("malformed request head")),
         Err(e) => return Err(map_decode_error(e)),
     };
     request_meta(head).map(Some)
+}
+
+/// A `\n` not preceded by `\r`.
+fn has_bare_lf(head: &[u8]) -> bool {
+    head.iter()
+        .enumerate()
+        .any(|(i, &b)| b == b'\n' && (i == 0 || head[i - 1] != b'\r'))
 }
 
 fn map_decode_error(e: DecodeError) -> HeadError {
@@ -287,6 +300,11 @@ pub fn take_response(
         return Err(ResponseHeadError::TooLarge(max));
     }
     let mut head_bytes = buf.split_to(end);
+    // As for requests: a bare LF would end the head early for httparse and hide the framing
+    // headers after it.
+    if has_bare_lf(&head_bytes) {
+        return Err(ResponseHeadError::Malformed("bare LF"));
+    }
     let head = match ResponseHeadDecoder.decode(&mut head_bytes) {
         Ok(Decoded::Some(h)) => h,
         _ => return Err(ResponseHeadError::Malformed("unparsable")),
@@ -409,6 +427,22 @@ mod tests {
     }
 
     #[test]
+    fn bare_lf_in_a_head_is_refused() {
+        for raw in [
+            // The blank bare-LF line would end the head for httparse, hiding Content-Length.
+            "POST / HTTP/1.1\r\nHost: a\r\n\nContent-Length: 5\r\n\r\n",
+            "GET / HTTP/1.1\nHost: a\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\nX: 1\r\n\r\n",
+        ] {
+            assert_eq!(
+                req(raw).unwrap_err(),
+                HeadError::Malformed("bare LF in request head"),
+                "{raw:?}"
+            );
+        }
+    }
+
+    #[test]
     fn oversized_head_is_refused_before_it_completes() {
         let mut buf = BytesMut::from(&b"GET / HTTP/1.1\r\nX: "[..]);
         buf.extend_from_slice(&vec![b'a'; 70_000]);
@@ -448,5 +482,8 @@ mod tests {
         assert_eq!(r.framing, Framing::Chunked);
         let r = take("HTTP/1.1 204 No Content\r\n\r\n", Method::GET);
         assert_eq!(r.framing, Framing::Empty);
+        let mut b =
+            BytesMut::from(&b"HTTP/1.1 200 OK\r\nX: 1\r\n\nContent-Length: 3\r\n\r\nabc"[..]);
+        assert!(take_response(&mut b, &mut HeadScanner::default(), 65536, &Method::GET).is_err());
     }
 }

@@ -15,7 +15,7 @@ use monoio::BufResult;
 
 use super::{After, ClientOut, Downstream, ReadOutcome, CLIENT_BUF, CLIENT_CLOSED};
 use crate::config::{Group, Upstream};
-use crate::http::body::{encode_chunk, BodyDecoder, Framing, Step, LAST_CHUNK};
+use crate::http::body::{encode_chunk, BodyDecoder, BodyError, Framing, Step, LAST_CHUNK};
 use crate::http::head::{self, HeadScanner, Request, Response};
 use crate::http::respond::{encode_response_head, errors, BodyOut, ErrorReply};
 use crate::io::{cancelable_read_append, read_append};
@@ -470,11 +470,14 @@ async fn send_body(
     let forward = &ctx.config.forwards[fwd];
     let limit = group.client.stream_idle_timeout;
     let chunked = req.framing == Framing::Chunked;
-    let mut dec = BodyDecoder::new(req.framing);
+    let mut dec = BodyDecoder::new(req.framing).with_limit(forward.max_body_bytes);
     let mut total: u64 = 0;
     let mut writes = 0usize;
     loop {
         match dec.decode(&mut d.inp.rbuf) {
+            Err(BodyError::TooLarge) => {
+                return Err(SendError::Client(Failure::Client(errors::BODY_TOO_LARGE)))
+            }
             Err(_) => return Err(SendError::Client(Failure::Client(errors::BAD_REQUEST))),
             Ok(Step::Data(b)) => {
                 total += b.len() as u64;

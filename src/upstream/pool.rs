@@ -107,6 +107,10 @@ impl Pool {
                 c.reused = true;
                 return Some(c);
             }
+            tracing::debug!(
+                upstream,
+                "dropped an idle upstream connection the peer had closed"
+            );
         }
         None
     }

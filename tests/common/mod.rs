@@ -28,6 +28,11 @@ pub struct Mock {
 
 impl Mock {
     pub fn start(args: &[&str]) -> Mock {
+        Mock::start_env(args, &[])
+    }
+
+    /// Starts the mock with extra environment variables.
+    pub fn start_env(args: &[&str], env: &[(&str, &str)]) -> Mock {
         let default_listen: &[&str] = if args.contains(&"--listen") {
             &[]
         } else {
@@ -36,6 +41,7 @@ impl Mock {
         let mut child = Command::new(MOCK_BIN)
             .args(default_listen)
             .args(args)
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -118,6 +124,22 @@ pub fn config(
     extra_upstream: &str,
     extra_group: &str,
 ) -> String {
+    config_with_url(
+        &format!("http://127.0.0.1:{mock_port}/v1"),
+        extra_forward,
+        extra_upstream,
+        extra_group,
+    )
+}
+
+/// [`config`] with the upstream at `url` (e.g. `http://127.0.0.1:{port}` with no base path, so
+/// that a client request to `/echo` reaches the mock's `/echo`).
+pub fn config_with_url(
+    url: &str,
+    extra_forward: &str,
+    extra_upstream: &str,
+    extra_group: &str,
+) -> String {
     format!(
         "http_server:
   forwards:
@@ -131,7 +153,7 @@ pub fn config(
     port: {{ADMIN}}
 upstreams:
   - name: u
-    url: http://127.0.0.1:{mock_port}/v1
+    url: {url}
 {extra_upstream}
 upstream_groups:
   - name: g
@@ -295,6 +317,21 @@ impl Client {
 
     pub fn send(&mut self, bytes: &[u8]) {
         self.stream.write_all(bytes).expect("send");
+    }
+
+    /// Like [`Client::send`], but a server that already closed is not a failure.
+    pub fn try_send(&mut self, bytes: &[u8]) -> bool {
+        self.stream.write_all(bytes).is_ok()
+    }
+
+    /// Half-closes the connection: the server reads EOF after what was sent.
+    pub fn shutdown_write(&mut self) {
+        let _ = self.stream.shutdown(std::net::Shutdown::Write);
+    }
+
+    /// Sets how long a single read waits (10 s unless changed).
+    pub fn set_read_timeout(&mut self, wait: Duration) {
+        self.stream.set_read_timeout(Some(wait)).unwrap();
     }
 
     /// Reads more bytes; Ok(0) at EOF.
