@@ -4,6 +4,8 @@
 //! one place that turns them into a status.
 
 mod relay;
+mod response;
+mod send;
 
 use std::io;
 use std::mem;
@@ -23,6 +25,35 @@ use crate::http::respond::{encode_error, errors, ErrorReply};
 use crate::io::{cancelable_read_append, read_append};
 use crate::shard::signal::{race, Either};
 use crate::shard::ShardCtx;
+
+/// Why an exchange failed, and whose fault it was.
+pub enum Failure {
+    /// The client sent something we refuse.
+    Client(ErrorReply),
+    /// The client went away; nobody to answer.
+    ClientGone,
+    /// The upstream failed.
+    Upstream(ErrorReply, crate::stats::UpstreamErrorKind),
+}
+
+impl Failure {
+    fn upstream_io(e: &io::Error) -> Failure {
+        use crate::stats::UpstreamErrorKind;
+        if e.kind() == io::ErrorKind::TimedOut {
+            Failure::Upstream(errors::UPSTREAM_TIMEOUT, UpstreamErrorKind::Timeout)
+        } else {
+            Failure::Upstream(errors::UPSTREAM_BAD_RESPONSE, UpstreamErrorKind::Protocol)
+        }
+    }
+}
+
+/// What had reached the client when a failure happened.
+#[derive(Clone, Copy)]
+pub enum Sent {
+    Nothing,
+    /// The response head (with this status) went out.
+    Head(u16),
+}
 
 /// Initial read buffer per downstream connection.
 const CLIENT_BUF: usize = 8 * 1024;
@@ -50,7 +81,8 @@ pub struct ClientOut {
     pub wbuf: BytesMut,
     /// Scratch for what goes to the upstream.
     pub ubuf: BytesMut,
-    pub peer_ip: String,
+    pub peer_ip: Rc<str>,
+    pub peer_addr: std::net::IpAddr,
     /// The connection ends after an error reply while the client may still be sending: close
     /// lingeringly so our answer is not destroyed by a reset.
     pub linger: bool,
@@ -76,7 +108,8 @@ impl Downstream {
                 w,
                 wbuf: BytesMut::with_capacity(CLIENT_BUF),
                 ubuf: BytesMut::with_capacity(CLIENT_BUF),
-                peer_ip: peer.ip().to_string(),
+                peer_ip: peer.ip().to_string().into(),
+                peer_addr: peer.ip(),
                 linger: false,
             },
         }

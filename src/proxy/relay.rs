@@ -1,110 +1,33 @@
-//! One exchange (shard): send the request (head + streamed body) to an upstream, then relay the
-//! response back as it arrives while watching the client for a disconnect.
+//! One request (shard): the attempt loop. Each attempt picks an upstream, sends the request and
+//! relays the answer. A failure before anything reached the client moves on to the next healthy
+//! member (failover) or, when configured, retries with backoff; once the answer began, a failure
+//! cuts the client connection and is never replayed.
 
-use std::future::{poll_fn, Future};
-use std::io;
 use std::mem;
-use std::pin::{pin, Pin};
-use std::task::Poll;
+use std::pin::pin;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use http::Method;
-use monoio::io::{AsyncWriteRentExt, Canceller};
-use monoio::BufResult;
+use monoio::io::Canceller;
 
-use super::{After, ClientOut, Downstream, ReadOutcome, CLIENT_BUF, CLIENT_CLOSED};
-use crate::config::{Group, Upstream};
-use crate::http::body::{encode_chunk, BodyDecoder, BodyError, Framing, Step, LAST_CHUNK};
-use crate::http::head::{self, HeadScanner, Request, Response};
-use crate::http::respond::{encode_response_head, errors, BodyOut, ErrorReply};
-use crate::io::{cancelable_read_append, read_append};
-use crate::shard::ShardCtx;
+use super::response::{relay_response, up_read, watched, Watch};
+use super::send::{connect, send_request, write_upstream, BodySend, SendError};
+use super::{After, Downstream, Failure, ReadOutcome, Sent, CLIENT_BUF, CLIENT_CLOSED};
+use crate::config::Group;
+use crate::http::head::{self, HeadScanner, Request};
+use crate::http::respond::errors;
+use crate::io::cancelable_read_append;
+use crate::shard::{Outcome, ShardCtx};
 use crate::stats::UpstreamErrorKind;
-use crate::upstream::pool::ConnectError;
 use crate::upstream::request::{encode_request_head, Outgoing};
-use crate::upstream::UpConn;
 
 /// Largest upstream response head.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
-/// Flush the upstream-bound buffer once it holds this much.
-const FLUSH_AT: usize = 64 * 1024;
-
-/// Why an exchange failed, and whose fault it was.
-enum Failure {
-    /// The client sent something we refuse.
-    Client(ErrorReply),
-    /// The client went away; nobody to answer.
-    ClientGone,
-    /// The upstream failed.
-    Upstream(ErrorReply, UpstreamErrorKind),
-}
-
-impl Failure {
-    fn upstream_io(e: &io::Error) -> Failure {
-        if e.kind() == io::ErrorKind::TimedOut {
-            Failure::Upstream(errors::UPSTREAM_TIMEOUT, UpstreamErrorKind::Timeout)
-        } else {
-            Failure::Upstream(errors::UPSTREAM_BAD_RESPONSE, UpstreamErrorKind::Protocol)
-        }
-    }
-}
-
-/// Tracks the read that watches the client while the upstream works.
-struct Watch {
-    live: bool,
-    gone: bool,
-}
-
-/// Runs `main` while also polling the client watch; a watch that sees the client close ends the
-/// wait with `Err(())`. Pipelined bytes from the client just stop the watch.
-async fn watched<F: Future, W: Future<Output = BufResult<usize, BytesMut>>>(
-    main: F,
-    mut watch: Pin<&mut W>,
-    st: &mut Watch,
-    rbuf: &mut BytesMut,
-) -> Result<F::Output, ()> {
-    let mut main = pin!(main);
-    poll_fn(|cx| {
-        // The work in progress wins a tie: a client that closes right after the last byte it
-        // wanted has not aborted anything.
-        if let Poll::Ready(x) = main.as_mut().poll(cx) {
-            return Poll::Ready(Ok(x));
-        }
-        if st.live {
-            if let Poll::Ready((res, buf)) = watch.as_mut().poll(cx) {
-                st.live = false;
-                *rbuf = buf;
-                match res {
-                    Ok(n) if n > 0 => {}
-                    _ => {
-                        st.gone = true;
-                        return Poll::Ready(Err(()));
-                    }
-                }
-            }
-        }
-        Poll::Pending
-    })
-    .await
-}
-
-/// Reads more upstream bytes into the connection's buffer, giving up at `deadline`.
-async fn up_read(conn: &mut UpConn, deadline: Instant) -> ReadOutcome {
-    conn.reserve();
-    let buf = mem::take(&mut conn.rbuf);
-    match monoio::time::timeout_at(deadline.into(), read_append(&mut conn.stream, buf)).await {
-        Err(_) => ReadOutcome::Timeout,
-        Ok((res, buf)) => {
-            conn.rbuf = buf;
-            match res {
-                Ok(0) => ReadOutcome::Eof,
-                Ok(_) => ReadOutcome::Data,
-                Err(e) => ReadOutcome::Error(e),
-            }
-        }
-    }
-}
+/// Body kept for a replay when the group has no `retry.max_body_bytes` (failover only).
+const DEFAULT_REPLAY_CAP: usize = 1 << 20;
+/// Longest backoff between retries.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 /// Serves one request. Returns whether the downstream connection stays open.
 pub(super) async fn exchange(
@@ -134,7 +57,7 @@ pub(super) async fn exchange(
             ctx.stats.http_error(fwd, reply.code, reply.status.as_u16());
             ctx.stats
                 .http_request(fwd, &method, &path, reply.status.as_u16(), elapsed);
-            // After an upstream failure the request body may be half read: close to stay in sync.
+            // After a failure the request body may be half read: close to stay in sync.
             d.out.reply_error(&reply, false, send_limit).await;
             After::Close
         }
@@ -154,15 +77,31 @@ pub(super) async fn exchange(
     }
 }
 
-/// What had reached the client when a failure happened.
-#[derive(Clone, Copy)]
-enum Sent {
-    Nothing,
-    /// The response head (with this status) went out.
-    Head(u16),
+type RunResult = Result<(u16, After), (Failure, Sent)>;
+
+/// How one attempt ended.
+enum Attempt {
+    /// The answer was relayed.
+    Done(u16, After),
+    /// Failed before any response byte reached the client.
+    Failed {
+        failure: Failure,
+        /// Part of the request may have reached the upstream.
+        sent: bool,
+        /// Time to the response head (for the breaker's latency), when it arrived.
+        head_after: Option<Duration>,
+    },
+    /// Failed after the head reached the client: the connection was cut.
+    Cut(Failure, u16),
+    /// The upstream answered a retryable status that was not relayed: retry after `wait`.
+    Retry { status: u16, wait: Duration },
 }
 
-type RunResult = Result<(u16, After), (Failure, Sent)>;
+/// The retry policy's say for one attempt: may a 5xx/429 answer be retried instead of relayed?
+struct RetryBudget {
+    backoff: Duration,
+    deadline: Instant,
+}
 
 async fn run(
     ctx: &ShardCtx,
@@ -172,7 +111,7 @@ async fn run(
     start: Instant,
 ) -> RunResult {
     let forward = &ctx.config.forwards[fwd];
-    if let Framing::Length(n) = req.framing {
+    if let crate::http::body::Framing::Length(n) = req.framing {
         if n > forward.max_body_bytes {
             return Err((Failure::Client(errors::BODY_TOO_LARGE), Sent::Nothing));
         }
@@ -187,29 +126,152 @@ async fn run(
     }
     let group_idx = ctx.route(fwd, req.head.uri.path());
     let group = &ctx.config.groups[group_idx];
-    let Some(uidx) = ctx.pick(group_idx) else {
-        return Err((
-            Failure::Upstream(errors::NO_UPSTREAM, UpstreamErrorKind::Connect),
-            Sent::Nothing,
-        ));
-    };
-    let upstream = &ctx.config.upstreams[uidx];
-    let up_start = Instant::now();
-    let res = upstream_exchange(ctx, fwd, d, req, group_idx, group, uidx, upstream, start).await;
-    let kind = match &res {
-        Ok((status, _)) if *status == 429 => Some(UpstreamErrorKind::Status429),
-        Ok((status, _)) if *status >= 500 => Some(UpstreamErrorKind::Status5xx),
-        Ok(_) => None,
-        Err((Failure::Upstream(_, k), _)) => Some(*k),
-        Err(_) => None,
-    };
-    ctx.stats
-        .upstream_request(group_idx, uidx, up_start.elapsed(), kind);
-    res
+    let retry = group.client.retry.as_ref();
+    let replay_cap = retry.map_or(DEFAULT_REPLAY_CAP, |r| r.max_replay_body_bytes);
+    let mut body = BodySend::new(req.framing, forward.max_body_bytes, replay_cap);
+    let idempotent = is_idempotent(&req.head);
+    let deadline = start + group.client.request_timeout;
+    let mut tried: Vec<usize> = Vec::new();
+    let mut retries = 0u32;
+    let mut last: Option<Failure> = None;
+
+    loop {
+        let Some((uidx, admission)) = ctx.pick(group_idx, d.out.peer_addr, &tried) else {
+            let f = last.unwrap_or(Failure::Upstream(
+                errors::NO_UPSTREAM,
+                UpstreamErrorKind::Connect,
+            ));
+            return Err((f, Sent::Nothing));
+        };
+        tried.push(uidx);
+        let budget = retry.filter(|r| retries < r.attempts).map(|r| RetryBudget {
+            backoff: backoff(ctx, r.initial, retries),
+            deadline,
+        });
+        let _in_flight = ctx.in_flight(uidx);
+        let up_start = Instant::now();
+        let res = attempt(
+            ctx, fwd, d, req, group_idx, group, uidx, &mut body, start, budget,
+        )
+        .await;
+        let elapsed = up_start.elapsed();
+
+        // Account for the attempt: metrics and the breaker.
+        let (kind, outcome) = match &res {
+            Attempt::Done(status, _) | Attempt::Retry { status, .. } => {
+                let kind = status_kind(*status);
+                let failed = matches!(kind, Some(UpstreamErrorKind::Status5xx))
+                    || (kind == Some(UpstreamErrorKind::Status429)
+                        && ctx.config.upstreams[uidx].breaker.count_429);
+                (
+                    kind,
+                    if failed {
+                        Outcome::Failure
+                    } else {
+                        Outcome::Success
+                    },
+                )
+            }
+            Attempt::Failed {
+                failure: Failure::Upstream(_, k),
+                ..
+            }
+            | Attempt::Cut(Failure::Upstream(_, k), _) => (Some(*k), Outcome::Failure),
+            Attempt::Failed {
+                head_after: Some(_),
+                ..
+            }
+            | Attempt::Cut(..) => (None, Outcome::Success),
+            Attempt::Failed { .. } => (None, Outcome::Unknown),
+        };
+        ctx.stats.upstream_request(group_idx, uidx, elapsed, kind);
+        ctx.record(uidx, admission, outcome, elapsed);
+
+        match res {
+            Attempt::Done(status, after) => return Ok((status, after)),
+            Attempt::Cut(f, status) => return Err((f, Sent::Head(status))),
+            Attempt::Retry { status, wait } => {
+                retries += 1;
+                tracing::debug!(upstream = %ctx.config.upstreams[uidx].name, status, ?wait, "retrying");
+                monoio::time::sleep(wait).await;
+                retry_any_member(group, &mut tried);
+                last = Some(Failure::Upstream(
+                    errors::UPSTREAM_BAD_RESPONSE,
+                    UpstreamErrorKind::Status5xx,
+                ));
+            }
+            Attempt::Failed { failure, sent, .. } => {
+                let Failure::Upstream(..) = failure else {
+                    return Err((failure, Sent::Nothing));
+                };
+                if !body.replayable() {
+                    return Err((failure, Sent::Nothing));
+                }
+                if !sent {
+                    // Nothing reached that upstream: the next healthy member takes the request.
+                    last = Some(failure);
+                    continue;
+                }
+                // It reached the upstream without an answer: a replay must be safe.
+                match retry {
+                    Some(r) if retries < r.attempts => {
+                        let wait = backoff(ctx, r.initial, retries);
+                        if Instant::now() + wait >= deadline {
+                            return Err((failure, Sent::Nothing));
+                        }
+                        retries += 1;
+                        monoio::time::sleep(wait).await;
+                        retry_any_member(group, &mut tried);
+                    }
+                    None if idempotent => {}
+                    _ => return Err((failure, Sent::Nothing)),
+                }
+                last = Some(failure);
+            }
+        }
+    }
 }
 
+/// Retries prefer members not tried yet; when every member was tried, any may take the retry.
+fn retry_any_member(group: &Group, tried: &mut Vec<usize>) {
+    if group.members.iter().all(|m| tried.contains(&m.upstream)) {
+        tried.clear();
+    }
+}
+
+/// Exponential backoff with equal jitter: `initial × 2^n`, half of it fixed, half random.
+fn backoff(ctx: &ShardCtx, initial: Duration, n: u32) -> Duration {
+    let base = initial
+        .saturating_mul(1u32.checked_shl(n.min(16)).unwrap_or(u32::MAX))
+        .min(MAX_BACKOFF);
+    let half = base / 2;
+    half + half.mul_f64(ctx.random_unit())
+}
+
+fn status_kind(status: u16) -> Option<UpstreamErrorKind> {
+    match status {
+        429 => Some(UpstreamErrorKind::Status429),
+        500..=599 => Some(UpstreamErrorKind::Status5xx),
+        _ => None,
+    }
+}
+
+fn is_idempotent(head: &http::request::Parts) -> bool {
+    matches!(
+        head.method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    ) || head.headers.contains_key("idempotency-key")
+}
+
+/// `Retry-After` in delta-seconds (an HTTP date is ignored).
+fn retry_after(h: &http::HeaderMap) -> Option<Duration> {
+    let v = h.get(http::header::RETRY_AFTER)?.to_str().ok()?.trim();
+    v.parse::<u64>().ok().map(Duration::from_secs)
+}
+
+/// One attempt on upstream `uidx`.
 #[allow(clippy::too_many_arguments)]
-async fn upstream_exchange(
+async fn attempt(
     ctx: &ShardCtx,
     fwd: usize,
     d: &mut Downstream,
@@ -217,49 +279,49 @@ async fn upstream_exchange(
     group_idx: usize,
     group: &Group,
     uidx: usize,
-    upstream: &Upstream,
+    body: &mut BodySend,
     start: Instant,
-) -> RunResult {
+    budget: Option<RetryBudget>,
+) -> Attempt {
     let client = &group.client;
-    let nothing = |f: Failure| (f, Sent::Nothing);
-
-    // Connect (or reuse).
-    let mut conn = match ctx.pool.take(uidx, client.pool_idle_timeout) {
-        Some(c) => c,
-        None => connect(ctx, uidx, group).await.map_err(nothing)?,
+    let upstream = &ctx.config.upstreams[uidx];
+    let failed = |failure: Failure, sent: bool| Attempt::Failed {
+        failure,
+        sent,
+        head_after: None,
     };
 
-    // Send head and body.
+    let mut conn = match ctx.pool.take(uidx, client.pool_idle_timeout) {
+        Some(c) => c,
+        None => match connect(ctx, uidx, group).await {
+            Ok(c) => c,
+            Err(f) => return failed(f, false),
+        },
+    };
     d.out.ubuf.clear();
+    let peer_ip = d.out.peer_ip.clone();
     let outgoing = Outgoing {
         upstream,
         agent: &ctx.agents[group_idx],
-        client_ip: &d.out.peer_ip,
+        client_ip: &peer_ip,
         client_proto: "http",
         framing: req.framing,
     };
     encode_request_head(&mut d.out.ubuf, &req.head, &outgoing);
     let idempotent = is_idempotent(&req.head);
-    let whole = match send_body(ctx, fwd, d, req, &mut conn, group).await {
-        Ok(whole) => whole,
-        Err(SendError::Client(f)) => return Err(nothing(f)),
-        Err(SendError::Upstream { whole }) if whole && conn.reused && idempotent => {
-            // A reused keep-alive connection broke under an idempotent request: send it again,
-            // once, on a fresh connection.
-            conn = connect(ctx, uidx, group).await.map_err(nothing)?;
-            write_upstream(&mut conn, &mut d.out.ubuf, client.stream_idle_timeout)
-                .await
-                .map_err(|e| nothing(Failure::upstream_io(&e)))?;
-            false
+    match send_request(ctx, fwd, d, body, &mut conn, group).await {
+        Ok(()) => {}
+        Err(SendError::Client(f)) => return failed(f, true),
+        Err(SendError::Upstream) => {
+            // Some of the request may have reached the upstream: whether to send it elsewhere is
+            // the attempt loop's call (only when a replay is safe).
+            let f = Failure::Upstream(errors::UPSTREAM_BAD_RESPONSE, UpstreamErrorKind::Protocol);
+            return failed(f, true);
         }
-        Err(SendError::Upstream { .. }) => {
-            return Err(nothing(Failure::Upstream(
-                errors::UPSTREAM_BAD_RESPONSE,
-                UpstreamErrorKind::Protocol,
-            )))
-        }
-    };
-    let mut replayable = whole && conn.reused && idempotent;
+    }
+    // An idempotent request on a reused connection that dies before any response byte is sent
+    // again once, to the same upstream, on a fresh connection (the keep-alive race).
+    let mut stale_replay = conn.reused && idempotent && body.replayable() && body.complete();
 
     // Watch the client while the upstream thinks and streams.
     let mut watch = Watch {
@@ -279,8 +341,7 @@ async fn upstream_exchange(
     let mut parked = BytesMut::new();
     let out = &mut d.out;
 
-    let result = async {
-        // Response head.
+    let result: Result<(u16, After, bool), Attempt> = async {
         let sent_at = Instant::now();
         let total_deadline = start + client.request_timeout;
         let head_deadline = (sent_at + client.first_byte_timeout).min(total_deadline);
@@ -294,20 +355,26 @@ async fn upstream_exchange(
             ) {
                 Ok(Some(r)) if r.head.status.is_informational() => {
                     if r.head.status == http::StatusCode::SWITCHING_PROTOCOLS {
-                        return Err(nothing(Failure::Upstream(
-                            errors::UPSTREAM_BAD_RESPONSE,
-                            UpstreamErrorKind::Protocol,
-                        )));
+                        return Err(failed(
+                            Failure::Upstream(
+                                errors::UPSTREAM_BAD_RESPONSE,
+                                UpstreamErrorKind::Protocol,
+                            ),
+                            true,
+                        ));
                     }
                     continue;
                 }
                 Ok(Some(r)) => break r,
                 Ok(None) => {}
                 Err(_) => {
-                    return Err(nothing(Failure::Upstream(
-                        errors::UPSTREAM_BAD_RESPONSE,
-                        UpstreamErrorKind::Protocol,
-                    )))
+                    return Err(failed(
+                        Failure::Upstream(
+                            errors::UPSTREAM_BAD_RESPONSE,
+                            UpstreamErrorKind::Protocol,
+                        ),
+                        true,
+                    ))
                 }
             }
             let got = watched(
@@ -317,35 +384,62 @@ async fn upstream_exchange(
                 &mut parked,
             )
             .await
-            .map_err(|_| nothing(Failure::ClientGone))?;
+            .map_err(|_| failed(Failure::ClientGone, true))?;
             match got {
                 ReadOutcome::Data => {}
                 ReadOutcome::Timeout => {
-                    return Err(nothing(Failure::Upstream(
-                        errors::UPSTREAM_TIMEOUT,
-                        UpstreamErrorKind::Timeout,
-                    )))
+                    return Err(failed(
+                        Failure::Upstream(errors::UPSTREAM_TIMEOUT, UpstreamErrorKind::Timeout),
+                        true,
+                    ))
                 }
                 ReadOutcome::Eof | ReadOutcome::Error(_) => {
-                    let no_byte = conn.rbuf.is_empty();
-                    if replayable && no_byte {
-                        // A reused keep-alive connection died under an idempotent request
-                        // before answering: replay it once on a fresh connection.
-                        replayable = false;
-                        conn = connect(ctx, uidx, group).await.map_err(nothing)?;
+                    if stale_replay && conn.rbuf.is_empty() {
+                        stale_replay = false;
+                        conn = connect(ctx, uidx, group)
+                            .await
+                            .map_err(|f| failed(f, true))?;
+                        out.ubuf.clear();
+                        encode_request_head(&mut out.ubuf, &req.head, &outgoing);
+                        body.encode_kept(&mut out.ubuf);
                         write_upstream(&mut conn, &mut out.ubuf, client.stream_idle_timeout)
                             .await
-                            .map_err(|e| nothing(Failure::upstream_io(&e)))?;
+                            .map_err(|_| {
+                                failed(
+                                    Failure::Upstream(
+                                        errors::UPSTREAM_BAD_RESPONSE,
+                                        UpstreamErrorKind::Protocol,
+                                    ),
+                                    true,
+                                )
+                            })?;
                         scanner.reset();
                         continue;
                     }
-                    return Err(nothing(Failure::Upstream(
-                        errors::UPSTREAM_BAD_RESPONSE,
-                        UpstreamErrorKind::Protocol,
-                    )));
+                    return Err(failed(
+                        Failure::Upstream(
+                            errors::UPSTREAM_BAD_RESPONSE,
+                            UpstreamErrorKind::Protocol,
+                        ),
+                        true,
+                    ));
                 }
             }
         };
+        let head_after = sent_at.elapsed();
+        // A retryable answer is not relayed when the retry policy allows another attempt.
+        if let (Some(b), Some(_)) = (&budget, status_kind(resp.head.status.as_u16())) {
+            if body.replayable() && body.complete() {
+                let wait =
+                    retry_after(&resp.head.headers).map_or(b.backoff, |ra| ra.max(b.backoff));
+                if Instant::now() + wait < b.deadline {
+                    return Err(Attempt::Retry {
+                        status: resp.head.status.as_u16(),
+                        wait,
+                    });
+                }
+            }
+        }
         relay_response(
             ctx,
             fwd,
@@ -360,6 +454,14 @@ async fn upstream_exchange(
             &mut parked,
         )
         .await
+        .map_err(|(f, sent)| match sent {
+            Sent::Head(status) => Attempt::Cut(f, status),
+            Sent::Nothing => Attempt::Failed {
+                failure: f,
+                sent: true,
+                head_after: Some(head_after),
+            },
+        })
     }
     .await;
 
@@ -371,11 +473,11 @@ async fn upstream_exchange(
                 ctx.pool.put(uidx, conn, client.pool_max_idle);
             }
             match d.out.flush(ctx.config.forwards[fwd].idle_timeout).await {
-                Ok(()) => Ok((status, after)),
-                Err(_) => Err((Failure::ClientGone, Sent::Head(status))),
+                Ok(()) => Attempt::Done(status, after),
+                Err(_) => Attempt::Cut(Failure::ClientGone, status),
             }
         }
-        Err(e) => Err(e),
+        Err(a) => a,
     };
 
     // Stop watching and take back whatever the client sent meanwhile (a pipelined request).
@@ -389,271 +491,10 @@ async fn upstream_exchange(
     } else if d.inp.rbuf.is_empty() {
         d.inp.rbuf = parked;
     }
-
-    result.map(|(status, after)| {
-        let after = if watch.gone { After::Close } else { after };
-        (status, after)
-    })
-}
-
-fn is_idempotent(head: &http::request::Parts) -> bool {
-    matches!(
-        head.method,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
-    ) || head.headers.contains_key("idempotency-key")
-}
-
-async fn connect(ctx: &ShardCtx, uidx: usize, group: &Group) -> Result<UpConn, Failure> {
-    if ctx.config.upstreams[uidx].scheme == crate::config::Scheme::Https {
-        // Never send plaintext to a TLS port.
-        return Err(Failure::Upstream(
-            errors::UPSTREAM_TLS_UNSUPPORTED,
-            UpstreamErrorKind::Connect,
-        ));
-    }
-    let addr = ctx.addrs[uidx];
-    match UpConn::connect(
-        addr,
-        group.client.connect_timeout,
-        group.client.tcp_keepalive,
-    )
-    .await
-    {
-        Ok(c) => Ok(c),
-        Err(ConnectError::Timeout) => Err(Failure::Upstream(
-            errors::UPSTREAM_TIMEOUT,
-            UpstreamErrorKind::Connect,
-        )),
-        Err(ConnectError::Io(e)) => {
-            tracing::debug!(upstream = %ctx.config.upstreams[uidx].name, error = %e, "connect failed");
-            Err(Failure::Upstream(
-                errors::UPSTREAM_UNREACHABLE,
-                UpstreamErrorKind::Connect,
-            ))
+    match result {
+        Attempt::Done(status, After::KeepAlive) if watch.gone => {
+            Attempt::Done(status, After::Close)
         }
-    }
-}
-
-/// Writes `buf` to the upstream. The buffer keeps its contents (for a replay).
-async fn write_upstream(conn: &mut UpConn, buf: &mut BytesMut, limit: Duration) -> io::Result<()> {
-    let b = mem::take(buf);
-    match monoio::time::timeout(limit, conn.stream.write_all(b)).await {
-        Err(_) => Err(io::Error::new(
-            io::ErrorKind::TimedOut,
-            "upstream write timed out",
-        )),
-        Ok((res, b)) => {
-            *buf = b;
-            res.map(|_| ())
-        }
-    }
-}
-
-enum SendError {
-    Client(Failure),
-    /// Writing to the upstream failed; `whole`: the request was complete and is still in `ubuf`.
-    Upstream {
-        whole: bool,
-    },
-}
-
-/// Sends the head already in `d.out.ubuf` and the request body as it arrives. Returns whether the
-/// whole request went out in one write (and so is still in `d.out.ubuf`).
-async fn send_body(
-    ctx: &ShardCtx,
-    fwd: usize,
-    d: &mut Downstream,
-    req: &Request,
-    conn: &mut UpConn,
-    group: &Group,
-) -> Result<bool, SendError> {
-    let forward = &ctx.config.forwards[fwd];
-    let limit = group.client.stream_idle_timeout;
-    let chunked = req.framing == Framing::Chunked;
-    let mut dec = BodyDecoder::new(req.framing).with_limit(forward.max_body_bytes);
-    let mut total: u64 = 0;
-    let mut writes = 0usize;
-    loop {
-        match dec.decode(&mut d.inp.rbuf) {
-            Err(BodyError::TooLarge) => {
-                return Err(SendError::Client(Failure::Client(errors::BODY_TOO_LARGE)))
-            }
-            Err(_) => return Err(SendError::Client(Failure::Client(errors::BAD_REQUEST))),
-            Ok(Step::Data(b)) => {
-                total += b.len() as u64;
-                if total > forward.max_body_bytes {
-                    return Err(SendError::Client(Failure::Client(errors::BODY_TOO_LARGE)));
-                }
-                if chunked {
-                    encode_chunk(&mut d.out.ubuf, &b);
-                } else {
-                    d.out.ubuf.extend_from_slice(&b);
-                }
-                if d.out.ubuf.len() >= FLUSH_AT {
-                    write_upstream(conn, &mut d.out.ubuf, limit)
-                        .await
-                        .map_err(|_| SendError::Upstream { whole: false })?;
-                    writes += 1;
-                    d.out.ubuf.clear();
-                }
-            }
-            Ok(Step::Done) => {
-                if chunked {
-                    d.out.ubuf.extend_from_slice(LAST_CHUNK);
-                }
-                write_upstream(conn, &mut d.out.ubuf, limit)
-                    .await
-                    .map_err(|_| SendError::Upstream { whole: writes == 0 })?;
-                writes += 1;
-                if writes > 1 {
-                    d.out.ubuf.clear();
-                }
-                return Ok(writes == 1);
-            }
-            Ok(Step::NeedMore) => {
-                if !d.out.ubuf.is_empty() {
-                    write_upstream(conn, &mut d.out.ubuf, limit)
-                        .await
-                        .map_err(|_| SendError::Upstream { whole: false })?;
-                    writes += 1;
-                    d.out.ubuf.clear();
-                }
-                let deadline = Instant::now() + forward.header_timeout;
-                match d.inp.read_more(deadline).await {
-                    ReadOutcome::Data => {}
-                    ReadOutcome::Timeout => {
-                        return Err(SendError::Client(Failure::Client(errors::HEAD_TIMEOUT)))
-                    }
-                    ReadOutcome::Eof | ReadOutcome::Error(_) => {
-                        return Err(SendError::Client(Failure::ClientGone))
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// Writes the response head and relays the body, leaving its last bytes in `out.wbuf`. Returns
-/// (status, keep client?, upstream connection reusable?).
-#[allow(clippy::too_many_arguments)]
-async fn relay_response<W: Future<Output = BufResult<usize, BytesMut>>>(
-    ctx: &ShardCtx,
-    fwd: usize,
-    out: &mut ClientOut,
-    req: &Request,
-    group: &Group,
-    conn: &mut UpConn,
-    resp: Response,
-    total_deadline: Instant,
-    watch: &mut Watch,
-    mut watch_fut: Pin<&mut W>,
-    parked: &mut BytesMut,
-) -> Result<(u16, After, bool), (Failure, Sent)> {
-    let forward = &ctx.config.forwards[fwd];
-    let client = &group.client;
-    let status = resp.head.status.as_u16();
-    let is_sse = resp
-        .head
-        .headers
-        .get(http::header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
-    let streamed =
-        client.stream && (matches!(resp.framing, Framing::Chunked | Framing::Close) || is_sse);
-    let client_11 = req.head.version == http::Version::HTTP_11;
-    let body_out = match resp.framing {
-        Framing::Empty => BodyOut::None,
-        Framing::Length(n) => BodyOut::Length(n),
-        Framing::Chunked | Framing::Close if client_11 => BodyOut::Chunked,
-        Framing::Chunked | Framing::Close => BodyOut::Close,
-    };
-    let keep_client = req.keep_alive && body_out != BodyOut::Close && !ctx.drain.fired();
-    out.wbuf.clear();
-    encode_response_head(
-        &mut out.wbuf,
-        resp.head.status,
-        &resp.head.headers,
-        body_out,
-        keep_client,
-        req.head.method == Method::HEAD,
-    );
-    let head_sent = Sent::Head(status);
-    let mut dec = BodyDecoder::new(resp.framing);
-    let reencode = body_out == BodyOut::Chunked;
-    loop {
-        // Move everything decodable now into one client write.
-        let mut done = false;
-        loop {
-            match dec.decode(&mut conn.rbuf) {
-                Ok(Step::Data(b)) => {
-                    if reencode {
-                        encode_chunk(&mut out.wbuf, &b);
-                    } else {
-                        out.wbuf.extend_from_slice(&b);
-                    }
-                }
-                Ok(Step::NeedMore) => break,
-                Ok(Step::Done) => {
-                    done = true;
-                    break;
-                }
-                Err(_) => {
-                    let _ = out.flush(forward.idle_timeout).await;
-                    return Err((
-                        Failure::Upstream(
-                            errors::UPSTREAM_BAD_RESPONSE,
-                            UpstreamErrorKind::Protocol,
-                        ),
-                        head_sent,
-                    ));
-                }
-            }
-        }
-        if done {
-            // The caller writes these last bytes after it has pooled the upstream connection.
-            if reencode {
-                out.wbuf.extend_from_slice(LAST_CHUNK);
-            }
-            let reusable = resp.keep_alive && conn.rbuf.is_empty();
-            let after = if keep_client {
-                After::KeepAlive
-            } else {
-                After::Close
-            };
-            return Ok((status, after, reusable));
-        }
-        // A client that is gone fails this write; one that stopped reading times it out.
-        out.flush(forward.idle_timeout)
-            .await
-            .map_err(|_| (Failure::ClientGone, head_sent))?;
-        let deadline = if streamed {
-            Instant::now() + client.stream_idle_timeout
-        } else {
-            total_deadline
-        };
-        let got = watched(up_read(conn, deadline), watch_fut.as_mut(), watch, parked)
-            .await
-            .map_err(|_| (Failure::ClientGone, head_sent))?;
-        match got {
-            ReadOutcome::Data => {}
-            ReadOutcome::Eof => {
-                if !dec.on_eof() {
-                    let _ = out.flush(forward.idle_timeout).await;
-                    return Err((
-                        Failure::Upstream(
-                            errors::UPSTREAM_BAD_RESPONSE,
-                            UpstreamErrorKind::Protocol,
-                        ),
-                        head_sent,
-                    ));
-                }
-            }
-            ReadOutcome::Timeout => {
-                return Err((
-                    Failure::Upstream(errors::UPSTREAM_TIMEOUT, UpstreamErrorKind::Timeout),
-                    head_sent,
-                ))
-            }
-            ReadOutcome::Error(e) => return Err((Failure::upstream_io(&e), head_sent)),
-        }
+        other => other,
     }
 }

@@ -7,7 +7,7 @@ pub mod listener;
 pub mod signal;
 
 use std::cell::Cell;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Once};
@@ -16,6 +16,7 @@ use std::time::Duration;
 use http::HeaderValue;
 
 use crate::admin::Health;
+use crate::balance::{Balancer, UpstreamView};
 use crate::config::{Config, Driver};
 use crate::route::Router;
 use crate::stats::{ShardStats, StatsDelta};
@@ -42,8 +43,12 @@ pub struct ShardCtx {
     pub addrs: Vec<SocketAddr>,
     pub pool: Pool,
     pub stats: Rc<ShardStats>,
-    /// Round-robin position per group.
-    rr: Vec<Cell<usize>>,
+    /// Balancer per group.
+    balancers: Vec<Balancer>,
+    /// Requests in flight per upstream on this shard.
+    in_flight: Vec<Cell<u32>>,
+    /// xorshift state for jitter.
+    rng: Cell<u64>,
     /// Path router per forward.
     routers: Vec<Router>,
     /// Pre-validated `User-Agent` value per group.
@@ -59,7 +64,11 @@ impl ShardCtx {
         ShardCtx {
             id,
             pool: Pool::new(config.upstreams.len()),
-            rr: config.groups.iter().map(|_| Cell::new(id)).collect(),
+            balancers: config.groups.iter().map(|g| Balancer::new(g, id)).collect(),
+            in_flight: config.upstreams.iter().map(|_| Cell::new(0)).collect(),
+            rng: Cell::new(
+                0x9E37_79B9_7F4A_7C15 ^ (id as u64 + 1).wrapping_mul(0xBF58_476D_1CE4_E5B9),
+            ),
             routers: config
                 .forwards
                 .iter()
@@ -88,15 +97,88 @@ impl ShardCtx {
             .unwrap_or(self.config.forwards[fwd].default_group)
     }
 
-    /// Picks a member of the group (round robin until the balancing strategies land).
-    pub fn pick(&self, group: usize) -> Option<usize> {
-        let g = self.config.groups.get(group)?;
-        if g.members.is_empty() {
-            return None;
-        }
-        let i = self.rr[group].get();
-        self.rr[group].set(i.wrapping_add(1));
-        Some(g.members[i % g.members.len()].upstream)
+    /// Picks an available member of `group` not in `tried`, and admits the request to it.
+    pub fn pick(
+        &self,
+        group: usize,
+        client: IpAddr,
+        tried: &[usize],
+    ) -> Option<(usize, Admission)> {
+        let u = self.balancers.get(group)?.pick(self, client, tried)?;
+        Some((u, Admission::Normal))
+    }
+
+    /// Counts a request in flight to `upstream` until the guard drops, however the exchange
+    /// ends.
+    pub fn in_flight(&self, upstream: usize) -> InFlight<'_> {
+        let c = &self.in_flight[upstream];
+        c.set(c.get() + 1);
+        InFlight(c)
+    }
+
+    /// Feeds one attempt's outcome to the upstream's health.
+    pub fn record(
+        &self,
+        _upstream: usize,
+        _admission: Admission,
+        _outcome: Outcome,
+        _elapsed: Duration,
+    ) {
+    }
+
+    /// A uniform number in [0, 1) (jitter; not for anything secret).
+    pub fn random_unit(&self) -> f64 {
+        let mut x = self.rng.get();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.rng.set(x);
+        (x >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+impl UpstreamView for ShardCtx {
+    fn available(&self, _upstream: usize) -> bool {
+        true
+    }
+
+    fn in_flight(&self, upstream: usize) -> u32 {
+        self.in_flight[upstream].get()
+    }
+
+    fn latency_ms(&self, _upstream: usize) -> f64 {
+        1000.0
+    }
+
+    fn success_rate(&self, _upstream: usize) -> f64 {
+        1.0
+    }
+}
+
+/// How a request was admitted to an upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    Normal,
+    /// A half-open breaker's probe.
+    Probe,
+}
+
+/// What an attempt says about the upstream's health.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Success,
+    /// Connect error, timeout, broken response, 5xx (and 429 when it counts).
+    Failure,
+    /// Nothing learned (the client left before the upstream answered).
+    Unknown,
+}
+
+/// Decrements the in-flight count exactly once, whichever way an exchange ends.
+pub struct InFlight<'a>(&'a Cell<u32>);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.set(self.0.get().saturating_sub(1));
     }
 }
 

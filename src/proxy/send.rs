@@ -1,0 +1,222 @@
+//! Sending a request upstream (shard): connect, the head, and the body as it arrives from the
+//! client. The body is kept as refcounted pieces (no copy) up to the replay cap, so a later
+//! attempt on another upstream can send it again.
+
+use std::io;
+use std::mem;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use monoio::io::AsyncWriteRentExt;
+
+use super::{Downstream, Failure, ReadOutcome};
+use crate::config::Group;
+use crate::http::body::{encode_chunk, BodyDecoder, BodyError, Framing, Step, LAST_CHUNK};
+use crate::http::respond::errors;
+use crate::shard::ShardCtx;
+use crate::stats::UpstreamErrorKind;
+use crate::upstream::pool::ConnectError;
+use crate::upstream::UpConn;
+
+/// Flush the upstream-bound buffer once it holds this much.
+const FLUSH_AT: usize = 64 * 1024;
+
+/// The request body across attempts.
+pub struct BodySend {
+    dec: BodyDecoder,
+    chunked: bool,
+    kept: Vec<Bytes>,
+    kept_len: usize,
+    cap: usize,
+    max_body: u64,
+    total: u64,
+    /// Some body bytes already went to an upstream without being kept.
+    lost: bool,
+}
+
+impl BodySend {
+    pub fn new(framing: Framing, max_body: u64, replay_cap: usize) -> Self {
+        BodySend {
+            dec: BodyDecoder::new(framing).with_limit(max_body),
+            chunked: framing == Framing::Chunked,
+            kept: Vec::new(),
+            kept_len: 0,
+            cap: replay_cap,
+            max_body,
+            total: 0,
+            lost: false,
+        }
+    }
+
+    /// Another attempt can send the body again: everything read so far is kept (what is not
+    /// read yet is still with the client).
+    pub fn replayable(&self) -> bool {
+        !self.lost
+    }
+
+    /// The whole body was read from the client.
+    pub fn complete(&self) -> bool {
+        self.dec.is_done()
+    }
+
+    /// Appends the whole kept body, framed, for a replay (only when `complete()`).
+    pub fn encode_kept(&self, out: &mut BytesMut) {
+        for piece in &self.kept {
+            self.put(out, piece);
+        }
+        if self.chunked {
+            out.extend_from_slice(LAST_CHUNK);
+        }
+    }
+
+    fn keep(&mut self, b: &Bytes) {
+        if self.lost {
+            return;
+        }
+        if self.kept_len + b.len() <= self.cap {
+            self.kept_len += b.len();
+            self.kept.push(b.clone());
+        } else {
+            self.lost = true;
+            self.kept = Vec::new();
+            self.kept_len = 0;
+        }
+    }
+
+    fn put(&self, out: &mut BytesMut, b: &[u8]) {
+        if self.chunked {
+            encode_chunk(out, b);
+        } else {
+            out.extend_from_slice(b);
+        }
+    }
+}
+
+/// Why sending failed.
+pub enum SendError {
+    /// The client's body was refused or the client left.
+    Client(Failure),
+    /// Writing to the upstream failed (some bytes may have reached it).
+    Upstream,
+}
+
+/// Connects to upstream `uidx` (TCP, with the group's timeouts).
+pub async fn connect(ctx: &ShardCtx, uidx: usize, group: &Group) -> Result<UpConn, Failure> {
+    if ctx.config.upstreams[uidx].scheme == crate::config::Scheme::Https {
+        // Never send plaintext to a TLS port.
+        return Err(Failure::Upstream(
+            errors::UPSTREAM_TLS_UNSUPPORTED,
+            UpstreamErrorKind::Connect,
+        ));
+    }
+    let addr = ctx.addrs[uidx];
+    match UpConn::connect(
+        addr,
+        group.client.connect_timeout,
+        group.client.tcp_keepalive,
+    )
+    .await
+    {
+        Ok(c) => Ok(c),
+        Err(ConnectError::Timeout) => Err(Failure::Upstream(
+            errors::UPSTREAM_TIMEOUT,
+            UpstreamErrorKind::Connect,
+        )),
+        Err(ConnectError::Io(e)) => {
+            tracing::debug!(upstream = %ctx.config.upstreams[uidx].name, error = %e, "connect failed");
+            Err(Failure::Upstream(
+                errors::UPSTREAM_UNREACHABLE,
+                UpstreamErrorKind::Connect,
+            ))
+        }
+    }
+}
+
+/// Writes `buf` to the upstream. The buffer keeps its contents.
+pub async fn write_upstream(
+    conn: &mut UpConn,
+    buf: &mut BytesMut,
+    limit: Duration,
+) -> io::Result<()> {
+    let b = mem::take(buf);
+    match monoio::time::timeout(limit, conn.stream.write_all(b)).await {
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "upstream write timed out",
+        )),
+        Ok((res, b)) => {
+            *buf = b;
+            res.map(|_| ())
+        }
+    }
+}
+
+/// Sends the head already in `d.out.ubuf`, the body kept from earlier attempts, then the rest of
+/// the body as it arrives from the client.
+pub async fn send_request(
+    ctx: &ShardCtx,
+    fwd: usize,
+    d: &mut Downstream,
+    body: &mut BodySend,
+    conn: &mut UpConn,
+    group: &Group,
+) -> Result<(), SendError> {
+    let forward = &ctx.config.forwards[fwd];
+    let limit = group.client.stream_idle_timeout;
+    macro_rules! flush {
+        () => {{
+            write_upstream(conn, &mut d.out.ubuf, limit)
+                .await
+                .map_err(|_| SendError::Upstream)?;
+            d.out.ubuf.clear();
+        }};
+    }
+    for i in 0..body.kept.len() {
+        let piece = body.kept[i].clone();
+        body.put(&mut d.out.ubuf, &piece);
+        if d.out.ubuf.len() >= FLUSH_AT {
+            flush!();
+        }
+    }
+    loop {
+        match body.dec.decode(&mut d.inp.rbuf) {
+            Err(BodyError::TooLarge) => {
+                return Err(SendError::Client(Failure::Client(errors::BODY_TOO_LARGE)))
+            }
+            Err(_) => return Err(SendError::Client(Failure::Client(errors::BAD_REQUEST))),
+            Ok(Step::Data(b)) => {
+                body.total += b.len() as u64;
+                if body.total > body.max_body {
+                    return Err(SendError::Client(Failure::Client(errors::BODY_TOO_LARGE)));
+                }
+                body.put(&mut d.out.ubuf, &b);
+                body.keep(&b);
+                if d.out.ubuf.len() >= FLUSH_AT {
+                    flush!();
+                }
+            }
+            Ok(Step::Done) => {
+                if body.chunked {
+                    d.out.ubuf.extend_from_slice(LAST_CHUNK);
+                }
+                flush!();
+                return Ok(());
+            }
+            Ok(Step::NeedMore) => {
+                if !d.out.ubuf.is_empty() {
+                    flush!();
+                }
+                let deadline = Instant::now() + forward.header_timeout;
+                match d.inp.read_more(deadline).await {
+                    ReadOutcome::Data => {}
+                    ReadOutcome::Timeout => {
+                        return Err(SendError::Client(Failure::Client(errors::HEAD_TIMEOUT)))
+                    }
+                    ReadOutcome::Eof | ReadOutcome::Error(_) => {
+                        return Err(SendError::Client(Failure::ClientGone))
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,236 @@
+//! Failover and retries as a client sees them: a dead member costs nothing, a request that
+//! reached an upstream is replayed only when safe, an answer that began is never replayed.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// A group `g` of upstreams `a` then `b` (roundrobin, one shard so the order is fixed).
+fn two_member_config(a_port: u16, b_port: u16, group_extra: &str) -> String {
+    format!(
+        "http_server:
+  forwards:
+    - name: f
+      address: 127.0.0.1
+      port: {{PORT}}
+      upstream_group: g
+  admin:
+    address: 127.0.0.1
+    port: {{ADMIN}}
+upstreams:
+  - name: a
+    url: http://127.0.0.1:{a_port}/v1
+  - name: b
+    url: http://127.0.0.1:{b_port}/v1
+upstream_groups:
+  - name: g
+    upstreams:
+      - name: a
+      - name: b
+{group_extra}
+"
+    )
+}
+
+/// An upstream that reads each request and closes without answering; counts requests.
+fn black_hole() -> (u16, Arc<AtomicUsize>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let seen = Arc::new(AtomicUsize::new(0));
+    let s = seen.clone();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(mut c) = c else { return };
+            let mut buf = [0u8; 65536];
+            let _ = c.set_read_timeout(Some(Duration::from_millis(500)));
+            if let Ok(n) = c.read(&mut buf) {
+                if n > 0 {
+                    s.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+            let _ = c.flush();
+        }
+    });
+    (port, seen)
+}
+
+fn chat(stream: bool) -> Vec<u8> {
+    format!(r#"{{"model":"m","stream":{stream},"messages":[]}}"#).into_bytes()
+}
+
+#[test]
+fn a_dead_member_costs_clients_nothing() {
+    let live = Mock::start(&[]);
+    let dead = free_port();
+    let proxy = Proxy::start(
+        &two_member_config(dead, live.port(), ""),
+        &["--shards", "1"],
+    );
+    for _ in 0..20 {
+        let r = request(
+            proxy.port,
+            "POST",
+            "/v1/chat/completions",
+            &[],
+            &chat(false),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    assert_eq!(live.stat("requests"), 20);
+}
+
+#[test]
+fn a_post_that_reached_an_upstream_is_not_replayed_without_retry() {
+    let (hole, seen) = black_hole();
+    let live = Mock::start(&[]);
+    let proxy = Proxy::start(
+        &two_member_config(hole, live.port(), ""),
+        &["--shards", "1"],
+    );
+    let r = request(
+        proxy.port,
+        "POST",
+        "/v1/chat/completions",
+        &[],
+        &chat(false),
+    );
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert_eq!(r.json()["error"]["code"], "upstream_bad_response");
+    assert_eq!(seen.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        live.stat("requests"),
+        0,
+        "the POST went to one upstream only"
+    );
+    // An idempotent GET is safe to send to the next member.
+    let r = request(proxy.port, "GET", "/v1/models", &[], b"");
+    let r2 = request(proxy.port, "GET", "/v1/models", &[], b"");
+    assert_eq!((r.status, r2.status), (200, 200));
+}
+
+#[test]
+fn with_retry_a_failed_post_goes_to_another_member() {
+    let (hole, seen) = black_hole();
+    let live = Mock::start(&[]);
+    let retry = "    http_client:\n      retry:\n        attempts: 2\n        initial: 100";
+    let proxy = Proxy::start(
+        &two_member_config(hole, live.port(), retry),
+        &["--shards", "1"],
+    );
+    let r = request(
+        proxy.port,
+        "POST",
+        "/v1/chat/completions",
+        &[],
+        &chat(false),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(seen.load(Ordering::SeqCst), 1);
+    assert_eq!(live.stat("requests"), 1);
+}
+
+#[test]
+fn a_5xx_is_retried_on_another_member_only_when_retry_is_on() {
+    let failing = Mock::start(&["--error-status", "503"]);
+    let live = Mock::start(&[]);
+    // Without retry the client sees the upstream's 503 as it is.
+    let proxy = Proxy::start(
+        &two_member_config(failing.port(), live.port(), ""),
+        &["--shards", "1"],
+    );
+    let r = request(
+        proxy.port,
+        "POST",
+        "/v1/chat/completions",
+        &[],
+        &chat(false),
+    );
+    assert_eq!(r.status, 503);
+    drop(proxy);
+
+    let retry = "    http_client:\n      retry:\n        attempts: 2\n        initial: 100";
+    let proxy = Proxy::start(
+        &two_member_config(failing.port(), live.port(), retry),
+        &["--shards", "1"],
+    );
+    let t = Instant::now();
+    let r = request(
+        proxy.port,
+        "POST",
+        "/v1/chat/completions",
+        &[],
+        &chat(false),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(
+        t.elapsed() >= Duration::from_millis(50),
+        "backoff before the retry"
+    );
+    assert_eq!(failing.stat("requests"), 2);
+    assert_eq!(live.stat("requests"), 1);
+}
+
+#[test]
+fn retry_after_is_honoured() {
+    let limited = Mock::start(&["--error-status", "429"]);
+    let live = Mock::start(&[]);
+    let retry = "    http_client:\n      retry:\n        attempts: 1\n        initial: 100";
+    let proxy = Proxy::start(
+        &two_member_config(limited.port(), live.port(), retry),
+        &["--shards", "1"],
+    );
+    let t = Instant::now();
+    let r = request(
+        proxy.port,
+        "POST",
+        "/v1/chat/completions",
+        &[("x-mock-retry-after", "1")],
+        &chat(false),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(
+        t.elapsed() >= Duration::from_millis(950),
+        "{:?}",
+        t.elapsed()
+    );
+}
+
+#[test]
+fn an_answer_that_began_is_never_replayed() {
+    let cutting = Mock::start(&["--cut-after", "2"]);
+    let live = Mock::start(&[]);
+    let retry = "    http_client:\n      retry:\n        attempts: 3\n        initial: 100";
+    let proxy = Proxy::start(
+        &two_member_config(cutting.port(), live.port(), retry),
+        &["--shards", "1"],
+    );
+    let mut c = Client::connect(proxy.port);
+    let body = chat(true);
+    c.send(
+        &[
+            format!(
+                "POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\ncontent-length: {}\r\nx-mock-tokens: 10\r\n\r\n",
+                body.len()
+            )
+            .as_bytes(),
+            &body,
+        ]
+        .concat(),
+    );
+    let r = c.read_response("POST").unwrap();
+    assert_eq!(r.status, 200);
+    assert!(!r.chunked_complete && r.closed, "the client sees the cut");
+    assert_eq!(r.text().matches("data: {").count(), 2);
+    assert_eq!(cutting.stat("requests"), 1);
+    assert_eq!(
+        live.stat("requests"),
+        0,
+        "no duplicate POST after the answer began"
+    );
+}
