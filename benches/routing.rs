@@ -117,7 +117,11 @@ fn ms(h: &Histogram<u64>, q: f64) -> f64 {
 fn main() {
     let quick = std::env::var_os("LLMPROXY_BENCH_QUICK").is_some()
         || std::env::args().any(|a| a == "--quick");
-    let dur = if quick { Duration::from_secs(1) } else { Duration::from_secs(4) };
+    let dur = if quick {
+        Duration::from_secs(1)
+    } else {
+        Duration::from_secs(4)
+    };
     let clients = 24;
     // Mixed speed: time to first token 10 ms, 30 ms and 150 ms.
     let fast = Mock::start(&["--ttft-ms", "10"]);
@@ -137,7 +141,11 @@ fn main() {
             let proxy = Proxy::start(&config(ups, s, retry), &[]);
             let o = drive(proxy.port, clients, dur);
             let n = o.ok + o.errors;
-            let err = if n == 0 { 0.0 } else { o.errors as f64 / n as f64 * 100.0 };
+            let err = if n == 0 {
+                0.0
+            } else {
+                o.errors as f64 / n as f64 * 100.0
+            };
             rows.push(serde_json::json!({
                 "scenario": scenario, "strategy": s, "requests": n,
                 "req_per_s": n as f64 / dur.as_secs_f64(),
@@ -147,7 +155,10 @@ fn main() {
         }
     }
     println!();
-    println!("{:<28} {:<20} {:>8} {:>9} {:>9} {:>9} {:>8}", "scenario", "strategy", "req/s", "p50 ms", "p90 ms", "p99 ms", "err %");
+    println!(
+        "{:<28} {:<20} {:>8} {:>9} {:>9} {:>9} {:>8}",
+        "scenario", "strategy", "req/s", "p50 ms", "p90 ms", "p99 ms", "err %"
+    );
     for r in &rows {
         println!(
             "{:<28} {:<20} {:>8.0} {:>9.1} {:>9.1} {:>9.1} {:>8.3}",

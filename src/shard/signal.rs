@@ -4,13 +4,18 @@
 use std::cell::{Cell, RefCell};
 use std::future::{poll_fn, Future};
 use std::pin::Pin;
-use std::task::{Poll, Waker};
+use std::task::{Context, Poll, Waker};
 
 /// Set once when the shard starts draining; every waiter is woken.
+///
+/// Each waiting future owns one slot and frees it when dropped, so the waiter table is bounded
+/// by the number of futures waiting right now (an earlier version kept every waker it ever
+/// saw: a leak of one task per connection).
 #[derive(Default)]
 pub struct DrainSignal {
     fired: Cell<bool>,
-    waiters: RefCell<Vec<Waker>>,
+    slots: RefCell<Vec<Option<Waker>>>,
+    free: RefCell<Vec<usize>>,
 }
 
 impl DrainSignal {
@@ -18,7 +23,13 @@ impl DrainSignal {
         if self.fired.replace(true) {
             return;
         }
-        for w in self.waiters.borrow_mut().drain(..) {
+        let wakers: Vec<Waker> = self
+            .slots
+            .borrow_mut()
+            .iter_mut()
+            .filter_map(Option::take)
+            .collect();
+        for w in wakers {
             w.wake();
         }
     }
@@ -28,17 +39,71 @@ impl DrainSignal {
     }
 
     /// Completes once the signal fired.
-    pub fn wait(&self) -> impl Future<Output = ()> + '_ {
-        poll_fn(move |cx| {
-            if self.fired.get() {
-                return Poll::Ready(());
+    pub fn wait(&self) -> DrainWait<'_> {
+        DrainWait {
+            signal: self,
+            slot: None,
+        }
+    }
+
+    /// Futures waiting right now (for tests and `/status`).
+    pub fn waiters(&self) -> usize {
+        self.slots.borrow().len() - self.free.borrow().len()
+    }
+
+    fn register(&self, slot: &mut Option<usize>, waker: &Waker) {
+        let mut slots = self.slots.borrow_mut();
+        match *slot {
+            Some(i) => match &mut slots[i] {
+                Some(w) if w.will_wake(waker) => {}
+                s => *s = Some(waker.clone()),
+            },
+            None => {
+                let i = match self.free.borrow_mut().pop() {
+                    Some(i) => {
+                        slots[i] = Some(waker.clone());
+                        i
+                    }
+                    None => {
+                        slots.push(Some(waker.clone()));
+                        slots.len() - 1
+                    }
+                };
+                *slot = Some(i);
             }
-            let mut w = self.waiters.borrow_mut();
-            if !w.iter().any(|x| x.will_wake(cx.waker())) {
-                w.push(cx.waker().clone());
-            }
-            Poll::Pending
-        })
+        }
+    }
+
+    fn release(&self, slot: usize) {
+        self.slots.borrow_mut()[slot] = None;
+        self.free.borrow_mut().push(slot);
+    }
+}
+
+/// The future returned by [`DrainSignal::wait`].
+pub struct DrainWait<'a> {
+    signal: &'a DrainSignal,
+    slot: Option<usize>,
+}
+
+impl Future for DrainWait<'_> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        if this.signal.fired.get() {
+            return Poll::Ready(());
+        }
+        this.signal.register(&mut this.slot, cx.waker());
+        Poll::Pending
+    }
+}
+
+impl Drop for DrainWait<'_> {
+    fn drop(&mut self) {
+        if let Some(i) = self.slot.take() {
+            self.signal.release(i);
+        }
     }
 }
 
@@ -64,4 +129,39 @@ pub async fn race<A: Future, B: Future>(
         Poll::Pending
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::rc::Rc;
+
+    #[test]
+    fn finished_waiters_leave_no_trace_and_firing_wakes_the_rest() {
+        let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let sig = Rc::new(DrainSignal::default());
+            // 1000 connections that each waited a moment and ended.
+            for _ in 0..1000 {
+                let s = sig.clone();
+                monoio::select! {
+                    _ = s.wait() => unreachable!(),
+                    _ = monoio::time::sleep(std::time::Duration::from_micros(1)) => {}
+                }
+            }
+            assert_eq!(sig.waiters(), 0);
+            assert!(sig.slots.borrow().len() <= 1, "slots are reused");
+            // Live waiters are woken by fire().
+            let s = sig.clone();
+            let h = monoio::spawn(async move { s.wait().await });
+            monoio::time::sleep(std::time::Duration::from_millis(1)).await;
+            assert_eq!(sig.waiters(), 1);
+            sig.fire();
+            h.await;
+            assert!(sig.fired());
+        });
+    }
 }
