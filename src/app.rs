@@ -83,9 +83,6 @@ fn warn_unimplemented(cfg: &Config) {
         if g.strategy != Strategy::RoundRobin {
             tracing::warn!(group = %g.name, strategy = ?g.strategy, "balance strategy not implemented yet; using roundrobin");
         }
-        if g.client.retry.is_some() {
-            tracing::warn!(group = %g.name, "retry is configured but not performed yet");
-        }
         if g.client.proxy.is_some() {
             tracing::warn!(group = %g.name, "outbound proxy is configured but not used yet");
         }
