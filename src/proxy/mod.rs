@@ -37,12 +37,27 @@ pub enum Failure {
 }
 
 impl Failure {
+    /// The upstream closed, reset, or sent something unparsable.
+    fn bad_response() -> Failure {
+        Failure::Upstream(
+            errors::UPSTREAM_BAD_RESPONSE,
+            crate::stats::UpstreamErrorKind::Protocol,
+        )
+    }
+
+    /// The upstream did not answer (or go on answering) in time.
+    fn timed_out() -> Failure {
+        Failure::Upstream(
+            errors::UPSTREAM_TIMEOUT,
+            crate::stats::UpstreamErrorKind::Timeout,
+        )
+    }
+
     fn upstream_io(e: &io::Error) -> Failure {
-        use crate::stats::UpstreamErrorKind;
         if e.kind() == io::ErrorKind::TimedOut {
-            Failure::Upstream(errors::UPSTREAM_TIMEOUT, UpstreamErrorKind::Timeout)
+            Failure::timed_out()
         } else {
-            Failure::Upstream(errors::UPSTREAM_BAD_RESPONSE, UpstreamErrorKind::Protocol)
+            Failure::bad_response()
         }
     }
 }

@@ -315,7 +315,7 @@ async fn attempt(
         Err(SendError::Upstream) => {
             // Some of the request may have reached the upstream: whether to send it elsewhere is
             // the attempt loop's call (only when a replay is safe).
-            let f = Failure::Upstream(errors::UPSTREAM_BAD_RESPONSE, UpstreamErrorKind::Protocol);
+            let f = Failure::bad_response();
             return failed(f, true);
         }
     }
@@ -355,27 +355,13 @@ async fn attempt(
             ) {
                 Ok(Some(r)) if r.head.status.is_informational() => {
                     if r.head.status == http::StatusCode::SWITCHING_PROTOCOLS {
-                        return Err(failed(
-                            Failure::Upstream(
-                                errors::UPSTREAM_BAD_RESPONSE,
-                                UpstreamErrorKind::Protocol,
-                            ),
-                            true,
-                        ));
+                        return Err(failed(Failure::bad_response(), true));
                     }
                     continue;
                 }
                 Ok(Some(r)) => break r,
                 Ok(None) => {}
-                Err(_) => {
-                    return Err(failed(
-                        Failure::Upstream(
-                            errors::UPSTREAM_BAD_RESPONSE,
-                            UpstreamErrorKind::Protocol,
-                        ),
-                        true,
-                    ))
-                }
+                Err(_) => return Err(failed(Failure::bad_response(), true)),
             }
             let got = watched(
                 up_read(&mut conn, head_deadline),
@@ -387,12 +373,7 @@ async fn attempt(
             .map_err(|_| failed(Failure::ClientGone, true))?;
             match got {
                 ReadOutcome::Data => {}
-                ReadOutcome::Timeout => {
-                    return Err(failed(
-                        Failure::Upstream(errors::UPSTREAM_TIMEOUT, UpstreamErrorKind::Timeout),
-                        true,
-                    ))
-                }
+                ReadOutcome::Timeout => return Err(failed(Failure::timed_out(), true)),
                 ReadOutcome::Eof | ReadOutcome::Error(_) => {
                     if stale_replay && conn.rbuf.is_empty() {
                         stale_replay = false;
@@ -404,25 +385,11 @@ async fn attempt(
                         body.encode_kept(&mut out.ubuf);
                         write_upstream(&mut conn, &mut out.ubuf, client.stream_idle_timeout)
                             .await
-                            .map_err(|_| {
-                                failed(
-                                    Failure::Upstream(
-                                        errors::UPSTREAM_BAD_RESPONSE,
-                                        UpstreamErrorKind::Protocol,
-                                    ),
-                                    true,
-                                )
-                            })?;
+                            .map_err(|_| failed(Failure::bad_response(), true))?;
                         scanner.reset();
                         continue;
                     }
-                    return Err(failed(
-                        Failure::Upstream(
-                            errors::UPSTREAM_BAD_RESPONSE,
-                            UpstreamErrorKind::Protocol,
-                        ),
-                        true,
-                    ));
+                    return Err(failed(Failure::bad_response(), true));
                 }
             }
         };

@@ -15,10 +15,9 @@ use super::{After, ClientOut, Failure, ReadOutcome, Sent};
 use crate::config::Group;
 use crate::http::body::{encode_chunk, BodyDecoder, Framing, Step, LAST_CHUNK};
 use crate::http::head::{Request, Response};
-use crate::http::respond::{encode_response_head, errors, BodyOut};
+use crate::http::respond::{encode_response_head, BodyOut};
 use crate::io::read_append;
 use crate::shard::ShardCtx;
-use crate::stats::UpstreamErrorKind;
 use crate::upstream::UpConn;
 
 /// Tracks the read that watches the client while the upstream works.
@@ -142,13 +141,7 @@ pub async fn relay_response<W: Future<Output = BufResult<usize, BytesMut>>>(
                 }
                 Err(_) => {
                     let _ = out.flush(forward.idle_timeout).await;
-                    return Err((
-                        Failure::Upstream(
-                            errors::UPSTREAM_BAD_RESPONSE,
-                            UpstreamErrorKind::Protocol,
-                        ),
-                        head_sent,
-                    ));
+                    return Err((Failure::bad_response(), head_sent));
                 }
             }
         }
@@ -182,21 +175,10 @@ pub async fn relay_response<W: Future<Output = BufResult<usize, BytesMut>>>(
             ReadOutcome::Eof => {
                 if !dec.on_eof() {
                     let _ = out.flush(forward.idle_timeout).await;
-                    return Err((
-                        Failure::Upstream(
-                            errors::UPSTREAM_BAD_RESPONSE,
-                            UpstreamErrorKind::Protocol,
-                        ),
-                        head_sent,
-                    ));
+                    return Err((Failure::bad_response(), head_sent));
                 }
             }
-            ReadOutcome::Timeout => {
-                return Err((
-                    Failure::Upstream(errors::UPSTREAM_TIMEOUT, UpstreamErrorKind::Timeout),
-                    head_sent,
-                ))
-            }
+            ReadOutcome::Timeout => return Err((Failure::timed_out(), head_sent)),
             ReadOutcome::Error(e) => return Err((Failure::upstream_io(&e), head_sent)),
         }
     }
