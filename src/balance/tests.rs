@@ -601,3 +601,28 @@ fn least_requests_spreads_ties() {
     };
     assert_ne!(seq(0), seq(1));
 }
+
+#[test]
+fn response_aware_probes_each_starved_member_within_the_bound() {
+    // One fast member, three with stale bad numbers that never improve: each starved member is
+    // probed at least once every EXPLORE_EVERY × (eligible − 1) picks, stalest first.
+    let b = balancer(Strategy::ResponseAware, 4);
+    let v = Fake::new();
+    for &u in &U[1..] {
+        v.latency[u].set(10_000.0);
+        v.success[u].set(0.05);
+    }
+    let bound = EXPLORE_EVERY as usize * 3;
+    let mut last = [0usize; VIEW_SIZE];
+    for t in 1..=20 * bound {
+        let u = pick(&b, &v);
+        last[u] = t;
+        for &s in &U[1..] {
+            assert!(
+                t - last[s] <= bound,
+                "{s} starved for {} picks",
+                t - last[s]
+            );
+        }
+    }
+}
