@@ -73,16 +73,13 @@ fn resolve_upstreams(cfg: &Config) -> Result<Vec<std::net::SocketAddr>, String> 
 /// Warns about configured features this build does not enforce yet, so a config that loads is
 /// never mistaken for one that is fully in effect.
 fn warn_unimplemented(cfg: &Config) {
-    use crate::config::{Scheme, Strategy};
+    use crate::config::Scheme;
     for f in &cfg.forwards {
         if f.ratelimit.is_some() {
             tracing::warn!(forward = %f.name, "ratelimit is configured but not enforced yet");
         }
     }
     for g in &cfg.groups {
-        if g.strategy != Strategy::RoundRobin {
-            tracing::warn!(group = %g.name, strategy = ?g.strategy, "balance strategy not implemented yet; using roundrobin");
-        }
         if g.client.proxy.is_some() {
             tracing::warn!(group = %g.name, "outbound proxy is configured but not used yet");
         }
