@@ -1,5 +1,7 @@
 //! Routing quality: for each balancing strategy, the latency clients see (p50/p99) and the
-//! error rate against upstreams of mixed speed, and with one member dead and retries on.
+//! error rate against upstreams of mixed speed and capacity (fast: 10 ms to first token, 32
+//! streams at once; medium: 30 ms, 8; weak: 60 ms, 2 — more wait in the mock's queue), and
+//! with a fourth member dead and retries on. 48 clients in a closed loop.
 //! `cargo bench --bench routing` (set LLMPROXY_BENCH_QUICK=1 for a short run). Results are
 //! printed side by side and written to perf/results/routing.json.
 
@@ -122,11 +124,12 @@ fn main() {
     } else {
         Duration::from_secs(4)
     };
-    let clients = 24;
-    // Mixed speed: time to first token 10 ms, 30 ms and 150 ms.
-    let fast = Mock::start(&["--ttft-ms", "10"]);
-    let medium = Mock::start(&["--ttft-ms", "30"]);
-    let slow = Mock::start(&["--ttft-ms", "150"]);
+    let clients = 48;
+    // Mixed speed, as LLM servers are: each generates a bounded number of streams at once (vLLM's
+    // max_num_seqs) and queues the rest, so a weak member gets slow when it gets too much.
+    let fast = Mock::start(&["--ttft-ms", "10", "--max-concurrency", "32"]);
+    let medium = Mock::start(&["--ttft-ms", "30", "--max-concurrency", "8"]);
+    let slow = Mock::start(&["--ttft-ms", "60", "--max-concurrency", "2"]);
     let members = [fast.port(), medium.port(), slow.port()];
     let dead = free_port();
     let with_dead = [fast.port(), medium.port(), slow.port(), dead];

@@ -823,3 +823,38 @@ fn huge_knob_values_do_not_break_the_server() {
     c.send(&get("/v1/models"));
     assert_eq!(c.read_response().status, 200);
 }
+
+#[test]
+fn max_concurrency_queues_streams() {
+    let srv = server_with(MockConfig {
+        max_concurrency: 1,
+        ..MockConfig::default()
+    });
+    let t0 = Instant::now();
+    let threads: Vec<_> = (0..2)
+        .map(|_| {
+            let addr = srv.addr();
+            std::thread::spawn(move || {
+                let mut c = Conn::new(addr);
+                c.send(&post(
+                    "/v1/chat/completions",
+                    "x-mock-ttft-ms: 200\r\nx-mock-tokens: 1\r\n",
+                    CHAT_STREAM,
+                ));
+                let mut all = Vec::new();
+                let mut tmp = [0u8; 4096];
+                while !all.ends_with(b"0\r\n\r\n") {
+                    let n = c.s.read(&mut tmp).unwrap();
+                    assert!(n > 0);
+                    all.extend_from_slice(&tmp[..n]);
+                }
+                t0.elapsed()
+            })
+        })
+        .collect();
+    let mut took: Vec<Duration> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    took.sort();
+    // One generation at a time: the second stream waits for the first.
+    assert!(took[0] >= Duration::from_millis(190), "{took:?}");
+    assert!(took[1] >= Duration::from_millis(390), "{took:?}");
+}

@@ -40,6 +40,10 @@ struct Cli {
     /// Close the connection abruptly after N SSE events (0 = never).
     #[arg(long, default_value_t = 0)]
     cut_after: u64,
+    /// Streams generated at once (0 = unlimited); more wait for a slot, as on a vLLM server
+    /// at its max_num_seqs.
+    #[arg(long, default_value_t = 0)]
+    max_concurrency: usize,
 }
 
 fn main() -> ExitCode {
@@ -74,6 +78,7 @@ fn main() -> ExitCode {
         error_status: cli.error_status,
         error_rate,
         cut_after: cli.cut_after,
+        max_concurrency: cli.max_concurrency,
     };
     match run(cfg) {
         Ok(()) => ExitCode::SUCCESS,

@@ -2,7 +2,7 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -822,6 +822,40 @@ fn peek_state(stream: &TcpStream) -> PeekState {
     }
 }
 
+/// Holds one of the mock's generation slots until dropped.
+struct GenerationSlot<'a>(Option<&'a AtomicUsize>);
+
+impl Drop for GenerationSlot<'_> {
+    fn drop(&mut self) {
+        if let Some(n) = self.0 {
+            n.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+/// Waits for a free generation slot (none needed without `--max-concurrency`); `None` when the
+/// client left while queued.
+async fn generation_slot<'a>(stream: &TcpStream, shared: &'a Shared) -> Option<GenerationSlot<'a>> {
+    let max = shared.cfg.max_concurrency;
+    if max == 0 {
+        return Some(GenerationSlot(None));
+    }
+    loop {
+        let cur = shared.generating.load(Ordering::Acquire);
+        if cur < max
+            && shared
+                .generating
+                .compare_exchange(cur, cur + 1, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            return Some(GenerationSlot(Some(&shared.generating)));
+        }
+        if wait_or_gone(stream, Duration::from_millis(1)).await {
+            return None;
+        }
+    }
+}
+
 fn record_abort(shared: &Shared) {
     shared
         .stats
@@ -849,6 +883,12 @@ async fn stream_sse(
     use std::io::Write;
     let stats = &shared.stats;
     stats.streams_started.fetch_add(1, Ordering::Relaxed);
+    // A server with room for `max_concurrency` generations at once (vLLM's max_num_seqs):
+    // later streams queue for a slot, which is what makes a weak upstream slow under load.
+    let Some(_slot) = generation_slot(stream, shared).await else {
+        record_abort(shared);
+        return (Next::Close, wbuf);
+    };
     let mut framing = knobs.framing;
     if http10 && framing == Framing::Chunked {
         framing = Framing::Close; // no chunked encoding for HTTP/1.0 clients

@@ -42,6 +42,8 @@ pub struct MockConfig {
     pub error_rate: f64,
     /// Close the connection abruptly after this many SSE events (0 = never).
     pub cut_after: u64,
+    /// Streams generated at once (0 = unlimited); more wait in a queue.
+    pub max_concurrency: usize,
 }
 
 impl Default for MockConfig {
@@ -55,6 +57,7 @@ impl Default for MockConfig {
             error_status: 0,
             error_rate: 0.0,
             cut_after: 0,
+            max_concurrency: 0,
         }
     }
 }
@@ -127,6 +130,8 @@ pub(crate) struct Shared {
     /// Sequence for response ids.
     pub id_seq: AtomicU64,
     pub stop: AtomicBool,
+    /// Streams generating now (for `max_concurrency`).
+    pub generating: std::sync::atomic::AtomicUsize,
 }
 
 /// A running mock server. Dropping it stops the server threads.
@@ -202,6 +207,7 @@ pub fn start(cfg: MockConfig) -> io::Result<MockServer> {
         error_seq: AtomicU64::new(0),
         id_seq: AtomicU64::new(0),
         stop: AtomicBool::new(false),
+        generating: std::sync::atomic::AtomicUsize::new(0),
     });
     let mut handles = Vec::with_capacity(threads);
     for (i, l) in listeners.into_iter().enumerate() {
