@@ -16,6 +16,7 @@ use std::time::Duration;
 use http::HeaderValue;
 
 use crate::admin::Health;
+use crate::breaker::{ShardHealth, Snapshot};
 use crate::config::{Config, Driver};
 use crate::route::Router;
 use crate::stats::{ShardStats, StatsDelta};
@@ -33,6 +34,8 @@ pub struct Shared {
     pub health: Arc<Health>,
     /// Where shards send their stats deltas (the control thread).
     pub stats_tx: crossbeam::channel::Sender<StatsDelta>,
+    /// Per shard id: where the control thread publishes the newest global snapshot.
+    pub snapshots: Vec<crossbeam::channel::Receiver<Arc<Snapshot>>>,
 }
 
 /// One shard's state. Owned by the shard thread (`Rc`), never shared.
@@ -42,6 +45,8 @@ pub struct ShardCtx {
     pub addrs: Vec<SocketAddr>,
     pub pool: Pool,
     pub stats: Rc<ShardStats>,
+    /// Breakers and the global snapshot as this shard sees them (adopted on the stats tick).
+    pub health: Rc<ShardHealth>,
     /// Round-robin position per group.
     rr: Vec<Cell<usize>>,
     /// Path router per forward.
@@ -74,6 +79,12 @@ impl ShardCtx {
                 })
                 .collect(),
             addrs: shared.addrs.clone(),
+            health: Rc::new(ShardHealth::new(
+                id,
+                &config,
+                shared.snapshots.len(),
+                stats.clone(),
+            )),
             stats,
             drain: DrainSignal::default(),
             active: Cell::new(0),
