@@ -274,8 +274,9 @@ impl Merged {
         self.shards.values().map(|s| s.deltas_lost).sum()
     }
 
-    /// Copies the tick's global breaker view in and counts its transitions.
-    fn publish(&mut self, snap: &Snapshot, transitions: &[(usize, Transition)]) {
+    /// Copies the tick's global breaker view in and counts its transitions (the control thread
+    /// calls it on every tick).
+    pub fn publish(&mut self, snap: &Snapshot, transitions: &[(usize, Transition)]) {
         self.epoch = snap.epoch;
         for (b, st) in self.breakers.iter_mut().zip(snap.upstreams.iter()) {
             b.state = st.breaker;
