@@ -1190,3 +1190,251 @@ mod tests {
         assert_eq!(h.epoch(), 3, "adopted at the start of the 4th step");
     }
 }
+
+/// Two real monoio shard runtimes (threads) and the real control thread.
+#[cfg(test)]
+mod runtime_tests {
+    use super::*;
+    use crate::stats::testing::test_config;
+    use crate::stats::{run_ticker_with, StopSignal};
+    use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+
+    const TICK: Duration = Duration::from_millis(20);
+    const COOLDOWN: Duration = Duration::from_millis(250);
+
+    enum Cmd {
+        Fail(usize),
+        Probe,
+        Stop,
+    }
+
+    #[derive(Default)]
+    struct View {
+        epoch: AtomicU64,
+        available: AtomicBool,
+        closed: AtomicBool,
+    }
+
+    fn shard_thread(
+        id: usize,
+        config: Arc<Config>,
+        control: &crate::stats::ControlHandle,
+        cmds: crossbeam::channel::Receiver<Cmd>,
+        view: Arc<View>,
+        probes: Arc<AtomicUsize>,
+    ) -> std::thread::JoinHandle<Vec<(u64, Instant)>> {
+        let tx = control.sender();
+        let rx = control.snapshot_receiver(id);
+        std::thread::spawn(move || {
+            let mut rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+                .enable_timer()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let stats = Rc::new(ShardStats::new(id, &config));
+                let health = Rc::new(ShardHealth::new(id, &config, 2, stats.clone()));
+                let stop = StopSignal::new();
+                let h = health.clone();
+                let ticker = monoio::spawn(run_ticker_with(
+                    stats,
+                    tx,
+                    config.runtime.tick,
+                    stop.clone(),
+                    move || h.poll(&rx),
+                ));
+                let mut timeline = vec![(0, Instant::now())];
+                let mut probing = false;
+                loop {
+                    match cmds.try_recv() {
+                        Ok(Cmd::Fail(n)) => {
+                            for _ in 0..n {
+                                if let Some(a) = health.admit(0, Instant::now()) {
+                                    health.record(0, a, Outcome::Failure, Duration::from_millis(1));
+                                }
+                            }
+                        }
+                        Ok(Cmd::Probe) => probing = true,
+                        Ok(Cmd::Stop) => break,
+                        Err(_) => {}
+                    }
+                    if probing {
+                        if let Some(a) = health.admit(0, Instant::now()) {
+                            if a.is_probe() {
+                                probes.fetch_add(1, Ordering::SeqCst);
+                                let h = health.clone();
+                                // The probe stays in flight for a while.
+                                monoio::spawn(async move {
+                                    monoio::time::sleep(Duration::from_millis(30)).await;
+                                    h.record(0, a, Outcome::Success, Duration::from_millis(30));
+                                });
+                            } else {
+                                health.record(0, a, Outcome::Success, Duration::from_millis(5));
+                            }
+                        }
+                    }
+                    let e = health.epoch();
+                    if e != timeline.last().unwrap().0 {
+                        timeline.push((e, Instant::now()));
+                    }
+                    view.available
+                        .store(health.is_available(0, Instant::now()), Ordering::SeqCst);
+                    view.closed.store(
+                        health.snapshot().upstreams[0].breaker == BreakerState::Closed,
+                        Ordering::SeqCst,
+                    );
+                    view.epoch.store(e, Ordering::SeqCst);
+                    monoio::time::sleep(Duration::from_millis(1)).await;
+                }
+                stop.trigger();
+                ticker.await;
+                timeline
+            })
+        })
+    }
+
+    fn wait_until(limit: Duration, mut pred: impl FnMut() -> bool) -> Option<Duration> {
+        let t = Instant::now();
+        while t.elapsed() < limit {
+            if pred() {
+                return Some(t.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        None
+    }
+
+    #[test]
+    fn two_shards_share_epochs_breaker_state_and_probe_budget() {
+        let mut config = test_config();
+        config.runtime.tick = TICK;
+        for u in &mut config.upstreams {
+            u.breaker.cooldown = COOLDOWN;
+            u.breaker.min_requests = 4;
+            u.breaker.consecutive_failures = 1000; // the merged ratio decides, not a fast trip
+            u.breaker.interval = Duration::from_secs(2);
+        }
+        let config = Arc::new(config);
+        let control = crate::stats::spawn(config.clone(), 64, 2).unwrap();
+        let merged = control.merged();
+        let probes = Arc::new(AtomicUsize::new(0));
+        let views: Vec<Arc<View>> = (0..2).map(|_| Arc::new(View::default())).collect();
+        let mut cmds = Vec::new();
+        let mut threads = Vec::new();
+        for (id, view) in views.iter().enumerate() {
+            let (tx, rx) = crossbeam::channel::unbounded();
+            cmds.push(tx);
+            threads.push(shard_thread(
+                id,
+                config.clone(),
+                &control,
+                rx,
+                view.clone(),
+                probes.clone(),
+            ));
+        }
+
+        // (a) Both shards follow the published epochs.
+        assert!(
+            wait_until(Duration::from_secs(5), || views
+                .iter()
+                .all(|v| v.epoch.load(Ordering::SeqCst) >= 15))
+            .is_some(),
+            "shards never adopted snapshots"
+        );
+        assert!(views.iter().all(|v| v.available.load(Ordering::SeqCst)));
+
+        // (b) Failures only on shard 0 close the upstream on shard 1 too.
+        cmds[0].send(Cmd::Fail(8)).unwrap();
+        let took = wait_until(Duration::from_secs(5), || {
+            !views[1].available.load(Ordering::SeqCst)
+        })
+        .expect("shard 1 never saw the breaker open");
+        // Shard 0's tick (≤ 1) + control tick (≤ 1) + shard 1's tick (≤ 1), plus scheduling.
+        assert!(took < 10 * TICK, "shard 1 saw it open after {took:?}");
+        // Shard 0 adopts the same snapshot on its own tick (its local view knew nothing: no
+        // fast trip with these settings).
+        assert!(
+            wait_until(10 * TICK, || !views[0].available.load(Ordering::SeqCst)).is_some(),
+            "shard 0 never saw the breaker open"
+        );
+        assert_eq!(
+            crate::stats::lock_merged(&merged).breakers[0].state,
+            BreakerState::Open
+        );
+
+        // (c) After the cooldown, half-open admits at most max_requests (3) probes across both
+        // shards, even with both asking every millisecond; their success closes the breaker.
+        for c in &cmds {
+            c.send(Cmd::Probe).unwrap();
+        }
+        let opened = Instant::now();
+        wait_until(Duration::from_secs(10), || {
+            views.iter().all(|v| v.closed.load(Ordering::SeqCst))
+                && views.iter().all(|v| v.available.load(Ordering::SeqCst))
+        })
+        .expect("breaker never closed again");
+        assert!(opened.elapsed() >= COOLDOWN - 2 * TICK);
+        assert_eq!(
+            probes.load(Ordering::SeqCst),
+            3,
+            "probes across both shards"
+        );
+        std::thread::sleep(5 * TICK);
+        assert_eq!(probes.load(Ordering::SeqCst), 3);
+
+        for c in &cmds {
+            c.send(Cmd::Stop).unwrap();
+        }
+        let timelines: Vec<Vec<(u64, Instant)>> =
+            threads.into_iter().map(|t| t.join().unwrap()).collect();
+        control.shutdown();
+        {
+            let m = crate::stats::lock_merged(&merged);
+            let b = &m.breakers[0];
+            let idx = |s: BreakerState| s.index();
+            assert_eq!(
+                b.transitions[idx(BreakerState::Closed)][idx(BreakerState::Open)],
+                1
+            );
+            assert_eq!(
+                b.transitions[idx(BreakerState::Open)][idx(BreakerState::HalfOpen)],
+                1
+            );
+            assert_eq!(
+                b.transitions[idx(BreakerState::HalfOpen)][idx(BreakerState::Closed)],
+                1
+            );
+            assert_eq!(b.failures, 8);
+            assert!(b.rejected > 0);
+            assert!(m.shards.values().all(|p| p.epoch > 0));
+        }
+
+        // (a, continued) Per epoch, when each shard first ran on it (or a newer one): the two
+        // shards are at most two ticks apart (a little scheduling slack for a shared CI box).
+        let first_at =
+            |tl: &[(u64, Instant)], e: u64| tl.iter().find(|(x, _)| *x >= e).map(|&(_, t)| t);
+        let last = timelines
+            .iter()
+            .map(|tl| tl.last().unwrap().0)
+            .min()
+            .unwrap();
+        let mut lags = Vec::new();
+        for e in 1..=last {
+            let (a, b) = (
+                first_at(&timelines[0], e).unwrap(),
+                first_at(&timelines[1], e).unwrap(),
+            );
+            lags.push(if a > b { a - b } else { b - a });
+        }
+        assert!(lags.len() > 20, "too few epochs: {}", lags.len());
+        let within = lags.iter().filter(|&&l| l <= 2 * TICK).count();
+        lags.sort();
+        assert!(
+            within * 10 >= lags.len() * 9,
+            "{within} of {} epochs within two ticks; lags {:?}",
+            lags.len(),
+            lags
+        );
+        assert!(*lags.last().unwrap() < Duration::from_secs(1), "{lags:?}");
+    }
+}
