@@ -21,6 +21,9 @@
 //! admitted under the old quota has been counted), handed to the next shard in rotation. Until
 //! that acknowledgement the revoked units still count against `max_requests`, so the probes
 //! admitted across all shards never exceed `max_requests`, and units drift to where traffic is.
+//! Safety net: outstanding probes with no probe progress for [`probe_timeout`] (the longest a
+//! call may take: connect + request/first-byte timeout of the upstream's groups, + 5 s) count as
+//! failed, so a probe whose outcome is never recorded cannot keep the breaker half-open forever.
 //!
 //! # EMAs
 //! Latency: mean time-to-head of *successful* calls merged in a tick, folded into
@@ -46,6 +49,25 @@ pub const INITIAL_LATENCY_MS: f64 = 1000.0;
 
 /// Epochs a shard may hold an unused probe unit before it is revoked and rotated.
 pub const PROBE_HOLD_EPOCHS: u64 = 4;
+
+/// Probe timeout of a [`Breaker`] built without [`Breaker::with_probe_timeout`].
+pub const DEFAULT_PROBE_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Half-open probe timeout for an upstream: the longest a call to it may legitimately take to
+/// produce its outcome (connect + the larger of the request and first-byte timeouts of any group
+/// containing it), plus a margin.
+pub fn probe_timeout(config: &Config, upstream: usize) -> Duration {
+    config
+        .groups
+        .iter()
+        .filter(|g| g.members.iter().any(|m| m.upstream == upstream))
+        .map(|g| {
+            g.client.connect_timeout + g.client.request_timeout.max(g.client.first_byte_timeout)
+        })
+        .max()
+        .unwrap_or(DEFAULT_PROBE_TIMEOUT)
+        + Duration::from_secs(5)
+}
 
 /// A breaker's state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -160,6 +182,12 @@ pub struct Breaker {
     cursor: usize,
     probe_ok: u32,
     probe_fail: u32,
+    /// Half-open: longest wait for outstanding probes without any probe progress.
+    probe_timeout: Duration,
+    /// Probes admitted (all shards) at the last tick, and when probe activity last changed.
+    seen_admitted: u32,
+    seen_results: u32,
+    probe_progress_at: Instant,
 }
 
 impl Breaker {
@@ -189,7 +217,18 @@ impl Breaker {
             cursor: 0,
             probe_ok: 0,
             probe_fail: 0,
+            probe_timeout: DEFAULT_PROBE_TIMEOUT,
+            seen_admitted: 0,
+            seen_results: 0,
+            probe_progress_at: now,
         }
+    }
+
+    /// Sets how long half-open waits for outstanding probes with no probe progress before it
+    /// counts them as failed (a safety net for probes whose outcome is never recorded).
+    pub fn with_probe_timeout(mut self, timeout: Duration) -> Self {
+        self.probe_timeout = timeout;
+        self
     }
 
     pub fn state(&self) -> BreakerState {
@@ -281,7 +320,22 @@ impl Breaker {
                     }
                 }
                 BreakerState::HalfOpen => {
-                    if self.probe_fail > 0 {
+                    let admitted: u32 = self.admitted.iter().sum();
+                    let results = self.probe_ok + self.probe_fail;
+                    if admitted != self.seen_admitted || results != self.seen_results {
+                        (self.seen_admitted, self.seen_results) = (admitted, results);
+                        self.probe_progress_at = now;
+                    }
+                    let stalled = admitted > results
+                        && now.saturating_duration_since(self.probe_progress_at)
+                            >= self.probe_timeout;
+                    if self.probe_fail > 0 || stalled {
+                        if stalled {
+                            tracing::warn!(
+                                outstanding = admitted - results,
+                                "half-open probes never reported; reopening the breaker"
+                            );
+                        }
                         self.enter(BreakerState::Open, now);
                     } else if self.probe_ok >= self.cfg.max_requests.max(1) {
                         self.enter(BreakerState::Closed, now);
@@ -313,6 +367,9 @@ impl Breaker {
         self.revoking.iter_mut().for_each(|r| *r = None);
         self.probe_ok = 0;
         self.probe_fail = 0;
+        self.seen_admitted = 0;
+        self.seen_results = 0;
+        self.probe_progress_at = now;
         match to {
             BreakerState::Closed => {
                 self.buckets.iter_mut().for_each(|b| *b = (0, 0));
@@ -460,8 +517,10 @@ impl Global {
             upstreams: config
                 .upstreams
                 .iter()
-                .map(|u| UpstreamGlobal {
-                    breaker: Breaker::new(&u.breaker, config.runtime.tick, shards, now),
+                .enumerate()
+                .map(|(ui, u)| UpstreamGlobal {
+                    breaker: Breaker::new(&u.breaker, config.runtime.tick, shards, now)
+                        .with_probe_timeout(probe_timeout(config, ui)),
                     latency_ema_ms: INITIAL_LATENCY_MS,
                     observed: false,
                     success_rate: 1.0,
@@ -959,6 +1018,32 @@ mod tests {
         b.record_probes(0, round, 0, 3, 0);
         tick_n(&mut b, &mut now, &mut e, 1);
         assert_eq!(b.state(), BreakerState::HalfOpen, "old round ignored");
+    }
+
+    #[test]
+    fn unreported_probes_time_out_and_reopen() {
+        let mut now = Instant::now();
+        let mut e = 0;
+        let mut b = Breaker::new(&cfg(), TICK, 1, now).with_probe_timeout(Duration::from_secs(1));
+        open_breaker(&mut b, &mut now, &mut e);
+        tick_n(&mut b, &mut now, &mut e, 10);
+        assert_eq!(b.state(), BreakerState::HalfOpen);
+        // No traffic at all: nothing outstanding, half-open simply waits.
+        tick_n(&mut b, &mut now, &mut e, 100);
+        assert_eq!(b.state(), BreakerState::HalfOpen);
+        let round = b.round();
+        b.record_probes(0, round, 2, 0, 0);
+        tick_n(&mut b, &mut now, &mut e, 40);
+        b.record_probes(0, round, 0, 1, 0); // progress restarts the clock
+        tick_n(&mut b, &mut now, &mut e, 45);
+        assert_eq!(b.state(), BreakerState::HalfOpen);
+        tick_n(&mut b, &mut now, &mut e, 6);
+        assert_eq!(b.state(), BreakerState::Open, "one probe never reported");
+        let mut config = config();
+        config.groups[0].client.request_timeout = Duration::from_secs(100);
+        config.groups[0].client.first_byte_timeout = Duration::from_secs(20);
+        config.groups[0].client.connect_timeout = Duration::from_secs(3);
+        assert_eq!(probe_timeout(&config, 0), Duration::from_secs(108));
     }
 
     #[test]

@@ -1,6 +1,9 @@
 //! The control thread (control thread, a plain `std::thread`, never on the data path): receives
 //! shard deltas over a bounded crossbeam channel and merges them into [`Merged`], which the admin
-//! thread reads through `Arc<Mutex<_>>` to render `/metrics` and `/status`.
+//! thread reads through `Arc<Mutex<_>>` to render `/metrics` and `/status`. Every tick it runs the
+//! global breakers and EMAs (`crate::breaker::Global`) and publishes the next `Arc<Snapshot>` to
+//! each shard through that shard's `bounded(1)` channel (stale snapshot drained, newest
+//! `try_send`; never blocks).
 
 use std::collections::{BTreeMap, HashSet};
 use std::io;
@@ -115,9 +118,8 @@ impl Default for BreakerStatus {
 
 /// Cumulative merged statistics of all shards (control thread writes, admin thread reads).
 ///
-/// The next step (breakers, latency EMA, `Snapshot` published to shards) adds its state here or
-/// next to it in [`Control`], fed from the same deltas (`UpstreamSample` has per-kind failures) and
-/// advanced in [`Control::on_tick`].
+/// The breakers themselves run in [`Control`] (`crate::breaker::Global`); on every tick the
+/// control thread mirrors their state into [`Merged::breakers`] for `/status` and `/metrics`.
 #[derive(Debug, Clone)]
 pub struct Merged {
     /// When the control thread started.
