@@ -424,6 +424,7 @@ fn status_json(m: &Merged, config: &Config, health: &Health, now: Instant) -> se
                 "deltas_dropped": p.failed_sends,
                 "deltas_lost": p.deltas_lost,
                 "requests": p.requests,
+                "epoch": p.epoch,
             })
         })
         .collect();
@@ -447,6 +448,21 @@ fn status_json(m: &Merged, config: &Config, health: &Health, now: Instant) -> se
                 .map(|k| (k.label().to_string(), json!(errors[k.index()])))
                 .collect();
             let mut v = json!({"name": u.name, "requests": requests, "errors": errors});
+            if let Some(b) = m.breakers.get(ui) {
+                v["breaker"] = json!({
+                    "enabled": u.breaker.enabled,
+                    "state": b.state.label(),
+                    "latency_ema_ms": b.latency_ema_ms,
+                    "success_rate": b.success_rate,
+                    "window": {"successes": b.window_successes, "failures": b.window_failures},
+                    "calls": {"success": b.successes, "failure": b.failures, "rejected": b.rejected},
+                    "opened": b.entered(crate::breaker::BreakerState::Open),
+                    "half_opened": b.entered(crate::breaker::BreakerState::HalfOpen),
+                    "closed": b.entered(crate::breaker::BreakerState::Closed),
+                    "probe_round": b.probe_round,
+                    "probe_quota": b.probe_quota,
+                });
+            }
             if let Some(h) = m.upstream_latency.get(ui).filter(|h| !h.is_empty()) {
                 v["latency_ms"] = percentiles_ms(h);
             }
@@ -482,6 +498,7 @@ fn status_json(m: &Merged, config: &Config, health: &Health, now: Instant) -> se
             "deltas_lost": m.deltas_lost(),
             "invalid_records": m.invalid_records,
         },
+        "epoch": m.epoch,
         "shards": shards,
         "forwards": forwards,
         "upstreams": upstreams,
@@ -681,6 +698,11 @@ mod tests {
         assert_eq!(status, 200);
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(v["shards"][0]["last_seq"], 1);
+        assert_eq!(v["shards"][0]["epoch"], 0);
+        assert_eq!(v["epoch"], 0);
+        assert_eq!(v["upstreams"][0]["breaker"]["state"], "closed");
+        assert_eq!(v["upstreams"][0]["breaker"]["latency_ema_ms"], 1000.0);
+        assert_eq!(v["upstreams"][0]["breaker"]["window"]["failures"], 0);
         assert_eq!(v["upstreams"][0]["name"], "openai-a");
         assert_eq!(v["upstreams"][0]["requests"], 1);
         let p50 = v["upstreams"][0]["latency_ms"]["p50"].as_f64().unwrap();

@@ -185,7 +185,7 @@ pub fn serve(cfg: Config, addrs: Vec<std::net::SocketAddr>) -> Result<ExitCode, 
         );
     }
 
-    let control = stats::spawn(cfg.clone(), 64.max(4 * shards))
+    let control = stats::spawn(cfg.clone(), 64.max(4 * shards), shards)
         .map_err(|e| format!("cannot start the control thread: {e}"))?;
     let health = Arc::new(admin::Health::new(shards));
     let admin = admin::spawn(cfg.clone(), control.merged(), health.clone())
@@ -197,6 +197,7 @@ pub fn serve(cfg: Config, addrs: Vec<std::net::SocketAddr>) -> Result<ExitCode, 
         draining: AtomicBool::new(false),
         health: health.clone(),
         stats_tx: control.sender(),
+        snapshots: (0..shards).map(|s| control.snapshot_receiver(s)).collect(),
     });
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let mut handles = Vec::with_capacity(shards);

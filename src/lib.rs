@@ -3,6 +3,7 @@
 pub mod admin;
 pub mod app;
 pub mod balance;
+pub mod breaker;
 pub mod cli;
 pub mod config;
 pub mod http;

@@ -4,9 +4,11 @@
 use std::fmt::Write;
 use std::sync::Arc;
 
+use crate::breaker::BreakerState;
 use crate::config::Config;
 use crate::stats::{
-    DurationCounts, Merged, ShardProgress, UpstreamErrorKind, DURATION_BUCKETS_LE, METHOD_LABELS,
+    BreakerStatus, DurationCounts, Merged, ShardProgress, UpstreamErrorKind, DURATION_BUCKETS_LE,
+    METHOD_LABELS,
 };
 
 /// `Content-Type` of [`render`]'s output.
@@ -128,6 +130,8 @@ pub fn render(merged: &Merged, config: &Config) -> String {
         }
     }
 
+    breaker_families(&mut out, merged, config);
+
     // The stats pipeline's own health, per shard and overall.
     let per_shard: [ShardCounter; 2] = [
         (
@@ -174,6 +178,145 @@ pub fn render(merged: &Merged, config: &Config) -> String {
     }
 
     out
+}
+
+/// Breaker transitions always rendered (at zero before they happen).
+const TRANSITIONS: [(BreakerState, BreakerState); 4] = [
+    (BreakerState::Closed, BreakerState::Open),
+    (BreakerState::Open, BreakerState::HalfOpen),
+    (BreakerState::HalfOpen, BreakerState::Open),
+    (BreakerState::HalfOpen, BreakerState::Closed),
+];
+
+/// The URL of an upstream for the `url` label: no credentials, no query, no fragment.
+pub fn display_url(url: &str) -> String {
+    let url = url.split(['?', '#']).next().unwrap_or("");
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_string();
+    };
+    let rest = &url[scheme_end + 3..];
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    format!(
+        "{}{}{}",
+        &url[..scheme_end + 3],
+        host,
+        &rest[authority_end..]
+    )
+}
+
+/// Circuit breaker families. The breaker is per upstream; its series are repeated for every
+/// group that contains the upstream.
+fn breaker_families(out: &mut String, merged: &Merged, config: &Config) {
+    // (group name, upstream name, url, status) for every membership.
+    let mut rows: Vec<(&str, &str, String, &BreakerStatus)> = Vec::new();
+    for g in &config.groups {
+        for (i, m) in g.members.iter().enumerate() {
+            if g.members[..i].iter().any(|x| x.upstream == m.upstream) {
+                continue;
+            }
+            if let (Some(u), Some(b)) = (
+                config.upstreams.get(m.upstream),
+                merged.breakers.get(m.upstream),
+            ) {
+                rows.push((&g.name, &u.name, display_url(&u.url), b));
+            }
+        }
+    }
+
+    let name = "llmproxy_circuitbreaker_state";
+    family(
+        out,
+        name,
+        "Circuit breaker state by upstream: 0 closed, 1 half-open, 2 open.",
+        "gauge",
+    );
+    for (u, b) in config.upstreams.iter().zip(merged.breakers.iter()) {
+        sample(out, name, &[("upstream", &u.name)], None, b.state.gauge());
+    }
+
+    let name = "llmproxy_circuitbreaker_state_changes_total";
+    family(
+        out,
+        name,
+        "Circuit breaker state changes by group, upstream, url, from and to.",
+        "counter",
+    );
+    for (g, u, url, b) in &rows {
+        for from in BreakerState::ALL {
+            for to in BreakerState::ALL {
+                let n = b.transitions[from.index()][to.index()];
+                if n == 0 && !TRANSITIONS.contains(&(from, to)) {
+                    continue;
+                }
+                let labels = [
+                    ("group", *g),
+                    ("upstream", *u),
+                    ("url", url.as_str()),
+                    ("from", from.label()),
+                    ("to", to.label()),
+                ];
+                sample(out, name, &labels, None, n);
+            }
+        }
+    }
+
+    let name = "llmproxy_circuitbreaker_calls_total";
+    family(
+        out,
+        name,
+        "Upstream calls seen by the circuit breaker by group, upstream, url and result (success, failure, rejected).",
+        "counter",
+    );
+    for (g, u, url, b) in &rows {
+        for (result, n) in [
+            ("success", b.successes),
+            ("failure", b.failures),
+            ("rejected", b.rejected),
+        ] {
+            let labels = [
+                ("group", *g),
+                ("upstream", *u),
+                ("url", url.as_str()),
+                ("result", result),
+            ];
+            sample(out, name, &labels, None, n);
+        }
+    }
+
+    for (name, help, to) in [
+        (
+            "llmproxy_circuitbreaker_opened_total",
+            "Times the circuit breaker opened, by group, upstream and url.",
+            BreakerState::Open,
+        ),
+        (
+            "llmproxy_circuitbreaker_closed_total",
+            "Times the circuit breaker closed, by group, upstream and url.",
+            BreakerState::Closed,
+        ),
+        (
+            "llmproxy_circuitbreaker_half_opened_total",
+            "Times the circuit breaker went half-open, by group, upstream and url.",
+            BreakerState::HalfOpen,
+        ),
+    ] {
+        family(out, name, help, "counter");
+        for (g, u, url, b) in &rows {
+            let labels = [("group", *g), ("upstream", *u), ("url", url.as_str())];
+            sample(out, name, &labels, None, b.entered(to));
+        }
+    }
+
+    let name = "llmproxy_snapshot_epoch";
+    family(
+        out,
+        name,
+        "Epoch of the newest global snapshot published to the shards.",
+        "gauge",
+    );
+    sample(out, name, &[], None, merged.epoch);
 }
 
 /// `{forward, method, path}` labels of a merged HTTP series.
@@ -602,6 +745,105 @@ mod tests {
         );
         assert_eq!(find(&samples, "llmproxy_shards", &[]).unwrap().value, 1.0);
         assert!(!text.contains("k=v"), "query leaked into a label");
+    }
+
+    #[test]
+    fn display_url_drops_credentials_and_query() {
+        assert_eq!(
+            display_url("https://user:p%40ss@api.example.com:8443/v1?key=secret#x"),
+            "https://api.example.com:8443/v1"
+        );
+        assert_eq!(
+            display_url("http://127.0.0.1:8001/v1"),
+            "http://127.0.0.1:8001/v1"
+        );
+        assert_eq!(display_url("http://[::1]:80"), "http://[::1]:80");
+    }
+
+    #[test]
+    fn breaker_families_per_group_membership() {
+        use crate::breaker::{Admission, Global, Outcome, ShardHealth};
+        let mut config = test_config();
+        config.upstreams[1].url = "http://u:secret@127.0.0.1:8002/v1".into();
+        let now = Instant::now();
+        let stats = std::rc::Rc::new(ShardStats::new(0, &config));
+        let health = ShardHealth::new(0, &config, 1, stats.clone());
+        for _ in 0..5 {
+            let a = health.admit(1, now).unwrap();
+            assert_eq!(a, Admission::NORMAL);
+            health.record(1, a, Outcome::Failure, Duration::from_millis(3));
+        }
+        assert!(health.admit(1, now).is_none(), "fast trip");
+        let mut global = Global::new(&config, 1, now);
+        let mut merged = Merged::new(&config, now);
+        let d = stats.take_delta();
+        global.observe(&d);
+        merged.apply(d, now);
+        let mut transitions = Vec::new();
+        let snap = global.tick(now, &mut transitions);
+        assert_eq!(transitions.len(), 1);
+        merged.publish(&snap, &transitions);
+        let text = render(&merged, &config);
+        let samples = check(&text);
+        assert!(!text.contains("secret"), "credentials leaked");
+        for g in ["main", "backup"] {
+            let base = [
+                ("group", g),
+                ("upstream", "openai-b"),
+                ("url", "http://127.0.0.1:8002/v1"),
+            ];
+            let mut l = base.to_vec();
+            l.extend([("from", "closed"), ("to", "open")]);
+            assert_eq!(
+                find(&samples, "llmproxy_circuitbreaker_state_changes_total", &l)
+                    .unwrap()
+                    .value,
+                1.0
+            );
+            for (result, n) in [("failure", 5.0), ("success", 0.0), ("rejected", 1.0)] {
+                let mut l = base.to_vec();
+                l.push(("result", result));
+                assert_eq!(
+                    find(&samples, "llmproxy_circuitbreaker_calls_total", &l)
+                        .unwrap()
+                        .value,
+                    n
+                );
+            }
+            assert_eq!(
+                find(&samples, "llmproxy_circuitbreaker_opened_total", &base)
+                    .unwrap()
+                    .value,
+                1.0
+            );
+            assert_eq!(
+                find(&samples, "llmproxy_circuitbreaker_half_opened_total", &base)
+                    .unwrap()
+                    .value,
+                0.0
+            );
+        }
+        assert!(find(
+            &samples,
+            "llmproxy_circuitbreaker_calls_total",
+            &[
+                ("group", "main"),
+                ("upstream", "local-c"),
+                ("url", "http://127.0.0.1:8003/v1"),
+                ("result", "success")
+            ]
+        )
+        .is_none());
+        assert_eq!(
+            find(
+                &samples,
+                "llmproxy_circuitbreaker_state",
+                &[("upstream", "openai-b")]
+            )
+            .unwrap()
+            .value,
+            2.0
+        );
     }
 
     #[test]

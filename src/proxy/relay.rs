@@ -81,8 +81,8 @@ type RunResult = Result<(u16, After), (Failure, Sent)>;
 
 /// How one attempt ended.
 enum Attempt {
-    /// The answer was relayed.
-    Done(u16, After),
+    /// The answer was relayed; the head came after the given time.
+    Done(u16, After, Duration),
     /// Failed before any response byte reached the client.
     Failed {
         failure: Failure,
@@ -92,9 +92,13 @@ enum Attempt {
         head_after: Option<Duration>,
     },
     /// Failed after the head reached the client: the connection was cut.
-    Cut(Failure, u16),
+    Cut(Failure, u16, Duration),
     /// The upstream answered a retryable status that was not relayed: retry after `wait`.
-    Retry { status: u16, wait: Duration },
+    Retry {
+        status: u16,
+        wait: Duration,
+        head_after: Duration,
+    },
 }
 
 /// The retry policy's say for one attempt: may a 5xx/429 answer be retried instead of relayed?
@@ -136,7 +140,7 @@ async fn run(
     let mut last: Option<Failure> = None;
 
     loop {
-        let Some((uidx, admission)) = ctx.pick(group_idx, d.out.peer_addr, &tried) else {
+        let Some(uidx) = ctx.pick(group_idx, d.out.peer_addr, &tried) else {
             let f = last.unwrap_or(Failure::Upstream(
                 errors::NO_UPSTREAM,
                 UpstreamErrorKind::Connect,
@@ -144,6 +148,10 @@ async fn run(
             return Err((f, Sent::Nothing));
         };
         tried.push(uidx);
+        // The breaker may refuse between pick and admission (a half-open probe slot taken).
+        let Some(admission) = ctx.health.admit(uidx, Instant::now()) else {
+            continue;
+        };
         let budget = retry.filter(|r| retries < r.attempts).map(|r| RetryBudget {
             backoff: backoff(ctx, r.initial, retries),
             deadline,
@@ -156,41 +164,44 @@ async fn run(
         .await;
         let elapsed = up_start.elapsed();
 
-        // Account for the attempt: metrics and the breaker.
-        let (kind, outcome) = match &res {
-            Attempt::Done(status, _) | Attempt::Retry { status, .. } => {
+        // Account for the attempt: metrics and the breaker (fed the time to the response head).
+        let (kind, outcome, to_head) = match &res {
+            Attempt::Done(status, _, head)
+            | Attempt::Retry {
+                status,
+                head_after: head,
+                ..
+            } => {
                 let kind = status_kind(*status);
                 let failed = matches!(kind, Some(UpstreamErrorKind::Status5xx))
                     || (kind == Some(UpstreamErrorKind::Status429)
                         && ctx.config.upstreams[uidx].breaker.count_429);
-                (
-                    kind,
-                    if failed {
-                        Outcome::Failure
-                    } else {
-                        Outcome::Success
-                    },
-                )
+                let outcome = if failed {
+                    Outcome::Failure
+                } else {
+                    Outcome::Success
+                };
+                (kind, outcome, *head)
             }
             Attempt::Failed {
                 failure: Failure::Upstream(_, k),
                 ..
-            }
-            | Attempt::Cut(Failure::Upstream(_, k), _) => (Some(*k), Outcome::Failure),
+            } => (Some(*k), Outcome::Failure, elapsed),
+            Attempt::Cut(Failure::Upstream(_, k), _, head) => (Some(*k), Outcome::Failure, *head),
+            Attempt::Cut(_, _, head) => (None, Outcome::Success, *head),
             Attempt::Failed {
-                head_after: Some(_),
+                head_after: Some(head),
                 ..
-            }
-            | Attempt::Cut(..) => (None, Outcome::Success),
-            Attempt::Failed { .. } => (None, Outcome::Unknown),
+            } => (None, Outcome::Success, *head),
+            Attempt::Failed { .. } => (None, Outcome::Unknown, elapsed),
         };
         ctx.stats.upstream_request(group_idx, uidx, elapsed, kind);
-        ctx.record(uidx, admission, outcome, elapsed);
+        ctx.record(uidx, admission, outcome, to_head);
 
         match res {
-            Attempt::Done(status, after) => return Ok((status, after)),
-            Attempt::Cut(f, status) => return Err((f, Sent::Head(status))),
-            Attempt::Retry { status, wait } => {
+            Attempt::Done(status, after, _) => return Ok((status, after)),
+            Attempt::Cut(f, status, _) => return Err((f, Sent::Head(status))),
+            Attempt::Retry { status, wait, .. } => {
                 retries += 1;
                 tracing::debug!(upstream = %ctx.config.upstreams[uidx].name, status, ?wait, "retrying");
                 monoio::time::sleep(wait).await;
@@ -341,7 +352,7 @@ async fn attempt(
     let mut parked = BytesMut::new();
     let out = &mut d.out;
 
-    let result: Result<(u16, After, bool), Attempt> = async {
+    let result: Result<(u16, After, bool, Duration), Attempt> = async {
         let sent_at = Instant::now();
         let total_deadline = start + client.request_timeout;
         let head_deadline = (sent_at + client.first_byte_timeout).min(total_deadline);
@@ -403,6 +414,7 @@ async fn attempt(
                     return Err(Attempt::Retry {
                         status: resp.head.status.as_u16(),
                         wait,
+                        head_after,
                     });
                 }
             }
@@ -421,8 +433,9 @@ async fn attempt(
             &mut parked,
         )
         .await
+        .map(|(status, after, reusable)| (status, after, reusable, head_after))
         .map_err(|(f, sent)| match sent {
-            Sent::Head(status) => Attempt::Cut(f, status),
+            Sent::Head(status) => Attempt::Cut(f, status, head_after),
             Sent::Nothing => Attempt::Failed {
                 failure: f,
                 sent: true,
@@ -435,13 +448,13 @@ async fn attempt(
     // The upstream answer is complete: free its connection before the last client write, so a
     // client that reconnects at once finds it in the pool.
     let result = match result {
-        Ok((status, after, reusable)) => {
+        Ok((status, after, reusable, head_after)) => {
             if reusable {
                 ctx.pool.put(uidx, conn, client.pool_max_idle);
             }
             match d.out.flush(ctx.config.forwards[fwd].idle_timeout).await {
-                Ok(()) => Attempt::Done(status, after),
-                Err(_) => Attempt::Cut(Failure::ClientGone, status),
+                Ok(()) => Attempt::Done(status, after, head_after),
+                Err(_) => Attempt::Cut(Failure::ClientGone, status, head_after),
             }
         }
         Err(a) => a,
@@ -459,8 +472,8 @@ async fn attempt(
         d.inp.rbuf = parked;
     }
     match result {
-        Attempt::Done(status, After::KeepAlive) if watch.gone => {
-            Attempt::Done(status, After::Close)
+        Attempt::Done(status, After::KeepAlive, head) if watch.gone => {
+            Attempt::Done(status, After::Close, head)
         }
         other => other,
     }

@@ -10,7 +10,7 @@ use socket2::{Domain, Socket, Type};
 
 use super::{ShardCtx, Shared, HOUSEKEEPING};
 use crate::proxy::serve_conn;
-use crate::stats::{run_ticker, StopSignal};
+use crate::stats::{run_ticker_with, StopSignal};
 
 /// Accept backlog per listening socket.
 const BACKLOG: i32 = 4096;
@@ -49,11 +49,18 @@ pub async fn serve(
         accepting.push(monoio::spawn(accept_loop(ctx.clone(), fwd, l)));
     }
     let stop = StopSignal::new();
-    let ticker = monoio::spawn(run_ticker(
+    let health = ctx.health.clone();
+    let snapshots = shared.snapshots.get(ctx.id).cloned();
+    let ticker = monoio::spawn(run_ticker_with(
         ctx.stats.clone(),
         shared.stats_tx.clone(),
         ctx.config.runtime.tick,
         stop.clone(),
+        move || {
+            if let Some(rx) = &snapshots {
+                health.poll(rx);
+            }
+        },
     ));
     shared.health.shard_up();
     loop {

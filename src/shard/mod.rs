@@ -11,12 +11,14 @@ use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Once};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use http::HeaderValue;
 
 use crate::admin::Health;
 use crate::balance::{Balancer, UpstreamView};
+pub use crate::breaker::Admission;
+use crate::breaker::{Outcome as BreakerOutcome, ShardHealth, Snapshot};
 use crate::config::{Config, Driver};
 use crate::route::Router;
 use crate::stats::{ShardStats, StatsDelta};
@@ -34,6 +36,8 @@ pub struct Shared {
     pub health: Arc<Health>,
     /// Where shards send their stats deltas (the control thread).
     pub stats_tx: crossbeam::channel::Sender<StatsDelta>,
+    /// Per shard id: where the control thread publishes the newest global snapshot.
+    pub snapshots: Vec<crossbeam::channel::Receiver<Arc<Snapshot>>>,
 }
 
 /// One shard's state. Owned by the shard thread (`Rc`), never shared.
@@ -43,6 +47,8 @@ pub struct ShardCtx {
     pub addrs: Vec<SocketAddr>,
     pub pool: Pool,
     pub stats: Rc<ShardStats>,
+    /// Breakers and the global snapshot as this shard sees them (adopted on the stats tick).
+    pub health: Rc<ShardHealth>,
     /// Balancer per group.
     balancers: Vec<Balancer>,
     /// Requests in flight per upstream on this shard.
@@ -83,6 +89,12 @@ impl ShardCtx {
                 })
                 .collect(),
             addrs: shared.addrs.clone(),
+            health: Rc::new(ShardHealth::new(
+                id,
+                &config,
+                shared.snapshots.len(),
+                stats.clone(),
+            )),
             stats,
             drain: DrainSignal::default(),
             active: Cell::new(0),
@@ -97,15 +109,9 @@ impl ShardCtx {
             .unwrap_or(self.config.forwards[fwd].default_group)
     }
 
-    /// Picks an available member of `group` not in `tried`, and admits the request to it.
-    pub fn pick(
-        &self,
-        group: usize,
-        client: IpAddr,
-        tried: &[usize],
-    ) -> Option<(usize, Admission)> {
-        let u = self.balancers.get(group)?.pick(self, client, tried)?;
-        Some((u, Admission::Normal))
+    /// Picks an available member of `group` not in `tried`.
+    pub fn pick(&self, group: usize, client: IpAddr, tried: &[usize]) -> Option<usize> {
+        self.balancers.get(group)?.pick(self, client, tried)
     }
 
     /// Counts a request in flight to `upstream` until the guard drops, however the exchange
@@ -116,14 +122,24 @@ impl ShardCtx {
         InFlight(c)
     }
 
-    /// Feeds one attempt's outcome to the upstream's health.
+    /// Feeds one attempt's outcome to the upstream's breaker and latency EMA. An attempt that
+    /// taught nothing (the client left first) is not counted, unless it was a half-open probe:
+    /// then it counts as a failure, so an unanswered probe never closes a breaker.
     pub fn record(
         &self,
-        _upstream: usize,
-        _admission: Admission,
-        _outcome: Outcome,
-        _elapsed: Duration,
+        upstream: usize,
+        admission: Admission,
+        outcome: Outcome,
+        latency_to_head: Duration,
     ) {
+        let outcome = match outcome {
+            Outcome::Success => BreakerOutcome::Success,
+            Outcome::Failure => BreakerOutcome::Failure,
+            Outcome::Unknown if admission.is_probe() => BreakerOutcome::Failure,
+            Outcome::Unknown => return,
+        };
+        self.health
+            .record(upstream, admission, outcome, latency_to_head);
     }
 
     /// A uniform number in [0, 1) (jitter; not for anything secret).
@@ -138,29 +154,21 @@ impl ShardCtx {
 }
 
 impl UpstreamView for ShardCtx {
-    fn available(&self, _upstream: usize) -> bool {
-        true
+    fn available(&self, upstream: usize) -> bool {
+        self.health.is_available(upstream, Instant::now())
     }
 
     fn in_flight(&self, upstream: usize) -> u32 {
         self.in_flight[upstream].get()
     }
 
-    fn latency_ms(&self, _upstream: usize) -> f64 {
-        1000.0
+    fn latency_ms(&self, upstream: usize) -> f64 {
+        self.health.latency_ms(upstream)
     }
 
-    fn success_rate(&self, _upstream: usize) -> f64 {
-        1.0
+    fn success_rate(&self, upstream: usize) -> f64 {
+        self.health.success_rate(upstream)
     }
-}
-
-/// How a request was admitted to an upstream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Admission {
-    Normal,
-    /// A half-open breaker's probe.
-    Probe,
 }
 
 /// What an attempt says about the upstream's health.

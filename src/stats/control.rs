@@ -1,6 +1,9 @@
 //! The control thread (control thread, a plain `std::thread`, never on the data path): receives
 //! shard deltas over a bounded crossbeam channel and merges them into [`Merged`], which the admin
-//! thread reads through `Arc<Mutex<_>>` to render `/metrics` and `/status`.
+//! thread reads through `Arc<Mutex<_>>` to render `/metrics` and `/status`. Every tick it runs the
+//! global breakers and EMAs (`crate::breaker::Global`) and publishes the next `Arc<Snapshot>` to
+//! each shard through that shard's `bounded(1)` channel (stale snapshot drained, newest
+//! `try_send`; never blocks).
 
 use std::collections::{BTreeMap, HashSet};
 use std::io;
@@ -11,6 +14,8 @@ use std::time::{Duration, Instant};
 
 use crossbeam::channel::{Receiver, RecvTimeoutError, Sender};
 use hdrhistogram::Histogram;
+
+use crate::breaker::{BreakerState, Global, Snapshot, Transition, INITIAL_LATENCY_MS};
 
 use super::delta::{DurationCounts, LatencySamples, StatsDelta, OTHER_PATH};
 use super::shard::{latency_histogram, MAX_PATHS_PER_FORWARD};
@@ -61,13 +66,60 @@ pub struct ShardProgress {
     pub deltas_lost: u64,
     /// Downstream requests this shard finished (how the kernel's SO_REUSEPORT spread the load).
     pub requests: u64,
+    /// Epoch of the snapshot the shard had adopted at its newest delta.
+    pub epoch: u64,
+}
+
+/// Global breaker view of one upstream for `/status` and `/metrics` (control thread writes on
+/// every tick; call counts are merged from the deltas).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BreakerStatus {
+    pub state: BreakerState,
+    /// `transitions[from.index()][to.index()]`: state changes so far.
+    pub transitions: [[u64; 3]; 3],
+    /// Calls the request path recorded as successes / failures; calls the breaker refused.
+    pub successes: u64,
+    pub failures: u64,
+    pub rejected: u64,
+    pub latency_ema_ms: f64,
+    pub success_rate: f64,
+    /// Calls in the breaker's sliding window.
+    pub window_successes: u64,
+    pub window_failures: u64,
+    /// Current (or last) half-open probe round and its per-shard quotas.
+    pub probe_round: u64,
+    pub probe_quota: Vec<u32>,
+}
+
+impl BreakerStatus {
+    /// Transitions into `to`, from any state.
+    pub fn entered(&self, to: BreakerState) -> u64 {
+        self.transitions.iter().map(|row| row[to.index()]).sum()
+    }
+}
+
+impl Default for BreakerStatus {
+    fn default() -> Self {
+        BreakerStatus {
+            state: BreakerState::Closed,
+            transitions: [[0; 3]; 3],
+            successes: 0,
+            failures: 0,
+            rejected: 0,
+            latency_ema_ms: INITIAL_LATENCY_MS,
+            success_rate: 1.0,
+            window_successes: 0,
+            window_failures: 0,
+            probe_round: 0,
+            probe_quota: Vec::new(),
+        }
+    }
 }
 
 /// Cumulative merged statistics of all shards (control thread writes, admin thread reads).
 ///
-/// The next step (breakers, latency EMA, `Snapshot` published to shards) adds its state here or
-/// next to it in [`Control`], fed from the same deltas (`UpstreamSample` has per-kind failures) and
-/// advanced in [`Control::on_tick`].
+/// The breakers themselves run in [`Control`] (`crate::breaker::Global`); on every tick the
+/// control thread mirrors their state into [`Merged::breakers`] for `/status` and `/metrics`.
 #[derive(Debug, Clone)]
 pub struct Merged {
     /// When the control thread started.
@@ -84,6 +136,10 @@ pub struct Merged {
     pub upstream_latency: Vec<Histogram<u64>>,
     /// Per shard id.
     pub shards: BTreeMap<usize, ShardProgress>,
+    /// Breaker state per `Config::upstreams` index.
+    pub breakers: Vec<BreakerStatus>,
+    /// Epoch of the newest snapshot the control thread published (0 before the first tick).
+    pub epoch: u64,
     /// Deltas merged, all shards.
     pub deltas_received: u64,
     /// Recording calls the shards ignored because an index was outside the configuration.
@@ -118,6 +174,12 @@ impl Merged {
                 .map(|_| latency_histogram())
                 .collect(),
             shards: BTreeMap::new(),
+            breakers: config
+                .upstreams
+                .iter()
+                .map(|_| BreakerStatus::default())
+                .collect(),
+            epoch: 0,
             deltas_received: 0,
             invalid_records: 0,
         }
@@ -138,7 +200,9 @@ impl Merged {
                 failed_sends: 0,
                 deltas_lost: 0,
                 requests: 0,
+                epoch: 0,
             });
+        p.epoch = p.epoch.max(delta.epoch);
         let first_covered = delta.seq.saturating_sub(delta.folded);
         p.deltas_lost += first_covered.saturating_sub(p.last_seq + 1);
         p.last_seq = p.last_seq.max(delta.seq);
@@ -178,6 +242,16 @@ impl Merged {
                 *a += b;
             }
         }
+        for b in &delta.breaker {
+            match self.breakers.get_mut(b.upstream) {
+                Some(t) => {
+                    t.successes += b.successes;
+                    t.failures += b.failures;
+                    t.rejected += b.rejected;
+                }
+                None => self.invalid_records += 1,
+            }
+        }
         for (fi, s) in delta.forward_latency {
             match self.forwards.get_mut(fi) {
                 Some(f) => record(&mut f.latency, &s),
@@ -200,6 +274,26 @@ impl Merged {
     /// Deltas missing from the shards' sequences (should stay 0).
     pub fn deltas_lost(&self) -> u64 {
         self.shards.values().map(|s| s.deltas_lost).sum()
+    }
+
+    /// Copies the tick's global breaker view in and counts its transitions (the control thread
+    /// calls it on every tick).
+    pub fn publish(&mut self, snap: &Snapshot, transitions: &[(usize, Transition)]) {
+        self.epoch = snap.epoch;
+        for (b, st) in self.breakers.iter_mut().zip(snap.upstreams.iter()) {
+            b.state = st.breaker;
+            b.latency_ema_ms = st.latency_ema_ms;
+            b.success_rate = st.success_rate;
+            b.window_successes = st.window_successes;
+            b.window_failures = st.window_failures;
+            b.probe_round = st.probe_round;
+            b.probe_quota.clone_from(&st.probe_quota);
+        }
+        for &(u, t) in transitions {
+            if let Some(b) = self.breakers.get_mut(u) {
+                b.transitions[t.from.index()][t.to.index()] += 1;
+            }
+        }
     }
 }
 
@@ -228,32 +322,71 @@ pub fn lock_merged(m: &Mutex<Merged>) -> MutexGuard<'_, Merged> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// One shard's snapshot channel (`bounded(1)`): the control thread keeps a receiver clone to
+/// drain a snapshot the shard has not picked up, so the slot always holds the newest.
+struct SnapshotChannel {
+    tx: Sender<Arc<Snapshot>>,
+    rx: Receiver<Arc<Snapshot>>,
+}
+
+impl SnapshotChannel {
+    fn new() -> Self {
+        let (tx, rx) = crossbeam::channel::bounded(1);
+        SnapshotChannel { tx, rx }
+    }
+
+    /// Replaces whatever waits in the slot with `snap`; never blocks.
+    fn publish(&self, snap: &Arc<Snapshot>) {
+        while self.rx.try_recv().is_ok() {}
+        // Only this thread sends, and the slot was just emptied: this cannot be Full.
+        let _ = self.tx.try_send(snap.clone());
+    }
+}
+
 /// The control thread's state and logic, separate from the thread for tests.
 struct Control {
     merged: Arc<Mutex<Merged>>,
+    global: Global,
+    snapshots: Vec<SnapshotChannel>,
+    transitions: Vec<(usize, Transition)>,
     tick: Duration,
     next_tick: Instant,
 }
 
 impl Control {
-    /// Merges every delta in `batch` under one lock.
+    /// Merges every delta in `batch` under one lock (the breakers see each delta first).
     fn apply(&mut self, batch: &mut Vec<StatsDelta>, now: Instant) {
         if batch.is_empty() {
             return;
         }
         let mut m = lock_merged(&self.merged);
         for d in batch.drain(..) {
+            self.global.observe(&d);
             m.apply(d, now);
         }
     }
 
-    /// Called once per tick. The place for the next issue: run the breaker state machine per
-    /// upstream on the tick's merged successes/failures, update the latency EMA, then publish an
-    /// immutable `Snapshot { epoch, .. }` to every shard (per-shard `bounded(1)` channels, `try_send`).
+    /// Called once per tick: runs the breakers and EMAs on what was merged since the previous
+    /// tick, publishes the next snapshot to every shard, and mirrors it into [`Merged`].
     fn on_tick(&mut self, now: Instant) {
         while self.next_tick <= now {
             self.next_tick += self.tick;
         }
+        self.transitions.clear();
+        let snap = self.global.tick(now, &mut self.transitions);
+        for c in &self.snapshots {
+            c.publish(&snap);
+        }
+        for &(u, t) in &self.transitions {
+            tracing::info!(
+                upstream = u,
+                from = t.from.label(),
+                to = t.to.label(),
+                epoch = snap.epoch,
+                "circuit breaker state change"
+            );
+        }
+        lock_merged(&self.merged).publish(&snap, &self.transitions);
     }
 }
 
@@ -293,19 +426,32 @@ fn run(rx: Receiver<StatsDelta>, mut control: Control, stop: Arc<AtomicBool>) {
 /// The running control thread: owns the receiving end of the shards' delta channel.
 pub struct ControlHandle {
     tx: Sender<StatsDelta>,
+    /// Per shard: the receiving end of its snapshot channel.
+    snapshot_rx: Vec<Receiver<Arc<Snapshot>>>,
     merged: Arc<Mutex<Merged>>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
-/// Starts the control thread with a bounded delta channel of `channel_capacity` (≥ 1) deltas.
-pub fn spawn(config: Arc<Config>, channel_capacity: usize) -> io::Result<ControlHandle> {
+/// Starts the control thread with a bounded delta channel of `channel_capacity` (≥ 1) deltas
+/// and one snapshot channel per shard (`shards`, ≥ 1; shard ids are `0..shards`).
+pub fn spawn(
+    config: Arc<Config>,
+    channel_capacity: usize,
+    shards: usize,
+) -> io::Result<ControlHandle> {
     let (tx, rx) = crossbeam::channel::bounded(channel_capacity.max(1));
     let now = Instant::now();
+    let shards = shards.max(1);
     let merged = Arc::new(Mutex::new(Merged::new(&config, now)));
     let tick = config.runtime.tick.max(Duration::from_millis(1));
+    let snapshots: Vec<SnapshotChannel> = (0..shards).map(|_| SnapshotChannel::new()).collect();
+    let snapshot_rx = snapshots.iter().map(|c| c.rx.clone()).collect();
     let control = Control {
         merged: merged.clone(),
+        global: Global::new(&config, shards, now),
+        snapshots,
+        transitions: Vec::new(),
         tick,
         next_tick: now + tick,
     };
@@ -316,6 +462,7 @@ pub fn spawn(config: Arc<Config>, channel_capacity: usize) -> io::Result<Control
         .spawn(move || run(rx, control, thread_stop))?;
     Ok(ControlHandle {
         tx,
+        snapshot_rx,
         merged,
         stop,
         thread: Some(thread),
@@ -326,6 +473,17 @@ impl ControlHandle {
     /// A sender for one shard (clone per shard).
     pub fn sender(&self) -> Sender<StatsDelta> {
         self.tx.clone()
+    }
+
+    /// The snapshot channel of `shard` (`try_recv` it on the shard's tick, e.g. through
+    /// `ShardHealth::poll`). Panics when `shard` is not below the shard count given to [`spawn`].
+    pub fn snapshot_receiver(&self, shard: usize) -> Receiver<Arc<Snapshot>> {
+        self.snapshot_rx[shard].clone()
+    }
+
+    /// Number of shards snapshots are published to.
+    pub fn shards(&self) -> usize {
+        self.snapshot_rx.len()
     }
 
     /// The merged statistics, for the admin listener.
@@ -501,7 +659,7 @@ mod tests {
     #[test]
     fn control_thread_merges_and_drains_on_shutdown() {
         let config = Arc::new(test_config());
-        let handle = spawn(config.clone(), 16).unwrap();
+        let handle = spawn(config.clone(), 16, 1).unwrap();
         let tx = handle.sender();
         let merged = handle.merged();
         let stats = ShardStats::new(0, &config);

@@ -197,6 +197,62 @@ impl UpstreamSample {
     }
 }
 
+/// Breaker inputs of one upstream from one shard (calls as judged by the request path through
+/// `ShardHealth::record`, independent of the group).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BreakerSample {
+    /// Index into `Config::upstreams`.
+    pub upstream: usize,
+    pub successes: u64,
+    pub failures: u64,
+    /// Calls refused by the breaker (open, locally tripped, or no probe quota left).
+    pub rejected: u64,
+    /// Time to the response head of successful calls (µs), for the latency EMA.
+    pub latency_sum_us: u64,
+    pub latency_count: u64,
+    /// Half-open probe round the probe counts below belong to (0 = none).
+    pub probe_round: u64,
+    pub probes_admitted: u32,
+    pub probe_successes: u32,
+    pub probe_failures: u32,
+    /// The shard tripped this upstream locally on consecutive failures.
+    pub fast_trip: bool,
+}
+
+impl BreakerSample {
+    /// True when nothing was counted.
+    pub fn is_zero(&self) -> bool {
+        self.successes == 0
+            && self.failures == 0
+            && self.rejected == 0
+            && self.latency_count == 0
+            && self.probes_admitted == 0
+            && self.probe_successes == 0
+            && self.probe_failures == 0
+            && !self.fast_trip
+    }
+
+    /// Adds a newer sample of the same upstream; probe counts of an older round are dropped.
+    pub fn absorb(&mut self, newer: &BreakerSample) {
+        self.successes = self.successes.wrapping_add(newer.successes);
+        self.failures = self.failures.wrapping_add(newer.failures);
+        self.rejected = self.rejected.wrapping_add(newer.rejected);
+        self.latency_sum_us = self.latency_sum_us.wrapping_add(newer.latency_sum_us);
+        self.latency_count = self.latency_count.wrapping_add(newer.latency_count);
+        self.fast_trip |= newer.fast_trip;
+        if newer.probe_round > self.probe_round {
+            self.probe_round = newer.probe_round;
+            self.probes_admitted = newer.probes_admitted;
+            self.probe_successes = newer.probe_successes;
+            self.probe_failures = newer.probe_failures;
+        } else if newer.probe_round == self.probe_round {
+            self.probes_admitted += newer.probes_admitted;
+            self.probe_successes += newer.probe_successes;
+            self.probe_failures += newer.probe_failures;
+        }
+    }
+}
+
 /// Everything one shard counted since its previous successfully sent delta.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StatsDelta {
@@ -213,6 +269,10 @@ pub struct StatsDelta {
     pub forward_latency: Vec<(usize, LatencySamples)>,
     /// Upstream exchange latency per upstream (index into `Config::upstreams`, all groups).
     pub upstream_latency: Vec<(usize, LatencySamples)>,
+    /// Breaker inputs per upstream (only upstreams with something to report).
+    pub breaker: Vec<BreakerSample>,
+    /// Epoch of the snapshot the shard had adopted when it took this delta.
+    pub epoch: u64,
     /// Sends of this shard's deltas that failed (channel full or gone) since the last delta; their
     /// contents were kept and are included here.
     pub failed_sends: u64,
@@ -228,6 +288,7 @@ impl StatsDelta {
             && self.upstreams.is_empty()
             && self.forward_latency.is_empty()
             && self.upstream_latency.is_empty()
+            && self.breaker.is_empty()
             && self.failed_sends == 0
             && self.invalid_records == 0
     }
@@ -236,6 +297,7 @@ impl StatsDelta {
     /// the sequence number becomes the newer one.
     pub fn absorb(&mut self, newer: StatsDelta) {
         self.seq = self.seq.max(newer.seq);
+        self.epoch = self.epoch.max(newer.epoch);
         self.folded = self.folded.wrapping_add(newer.folded).wrapping_add(1);
         self.failed_sends = self.failed_sends.wrapping_add(newer.failed_sends);
         self.invalid_records = self.invalid_records.wrapping_add(newer.invalid_records);
@@ -280,6 +342,13 @@ impl StatsDelta {
                     }
                 }
                 None => self.upstreams.push(u),
+            }
+        }
+
+        for b in newer.breaker {
+            match self.breaker.iter_mut().find(|x| x.upstream == b.upstream) {
+                Some(x) => x.absorb(&b),
+                None => self.breaker.push(b),
             }
         }
 

@@ -6,15 +6,16 @@ mod delta;
 mod shard;
 
 pub use control::{
-    lock_merged, spawn, ControlHandle, ForwardTotals, Merged, ShardProgress, UpstreamTotals,
+    lock_merged, spawn, BreakerStatus, ControlHandle, ForwardTotals, Merged, ShardProgress,
+    UpstreamTotals,
 };
 pub use delta::{
-    method_index, DurationCounts, HttpErrorSample, HttpSample, LatencySamples, StatsDelta,
-    UpstreamSample, BUCKETS, DURATION_BUCKETS_LE, DURATION_BUCKETS_US, METHODS, METHOD_LABELS,
-    OTHER_PATH,
+    method_index, BreakerSample, DurationCounts, HttpErrorSample, HttpSample, LatencySamples,
+    StatsDelta, UpstreamSample, BUCKETS, DURATION_BUCKETS_LE, DURATION_BUCKETS_US, METHODS,
+    METHOD_LABELS, OTHER_PATH,
 };
 pub use shard::{
-    path_label, run_ticker, ShardStats, StopSignal, Stopped, FINAL_FLUSH_ATTEMPTS,
+    path_label, run_ticker, run_ticker_with, ShardStats, StopSignal, Stopped, FINAL_FLUSH_ATTEMPTS,
     FINAL_FLUSH_PAUSE, MAX_ERROR_SERIES_PER_FORWARD, MAX_PATHS_PER_FORWARD, MAX_PATH_LABEL_BYTES,
 };
 

@@ -14,8 +14,8 @@ use crossbeam::channel::{Sender, TrySendError};
 use hdrhistogram::Histogram;
 
 use super::delta::{
-    method_index, DurationCounts, HttpErrorSample, HttpSample, LatencySamples, StatsDelta,
-    UpstreamSample, METHODS, OTHER_PATH,
+    method_index, BreakerSample, DurationCounts, HttpErrorSample, HttpSample, LatencySamples,
+    StatsDelta, UpstreamSample, METHODS, OTHER_PATH,
 };
 use super::UpstreamErrorKind;
 use crate::config::Config;
@@ -118,6 +118,8 @@ struct Tallies {
     pair_slot: Vec<u32>,
     pairs: Vec<UpstreamTally>,
     upstream_latency: Vec<Histogram<u64>>,
+    /// Breaker inputs per upstream (index = upstream).
+    breaker: Vec<BreakerSample>,
     invalid_records: u64,
 }
 
@@ -130,6 +132,8 @@ pub struct ShardStats {
     shard: usize,
     seq: Cell<u64>,
     tallies: RefCell<Tallies>,
+    /// Epoch of the snapshot the shard adopted (set by `ShardHealth`), sent with every delta.
+    epoch: Cell<u64>,
     /// A delta whose send failed: folded into the next one so nothing is lost.
     pending: RefCell<Option<StatsDelta>>,
     failed_sends: Cell<u64>,
@@ -170,8 +174,15 @@ impl ShardStats {
                 pair_slot,
                 pairs,
                 upstream_latency: (0..n_upstreams).map(|_| latency_histogram()).collect(),
+                breaker: (0..n_upstreams)
+                    .map(|upstream| BreakerSample {
+                        upstream,
+                        ..BreakerSample::default()
+                    })
+                    .collect(),
                 invalid_records: 0,
             }),
+            epoch: Cell::new(0),
             pending: RefCell::new(None),
             failed_sends: Cell::new(0),
         }
@@ -271,6 +282,81 @@ impl ShardStats {
         t.upstream_latency[upstream].saturating_record(us);
     }
 
+    /// Sequence number the next [`take_delta`](Self::take_delta) will carry: whatever is
+    /// recorded now reaches the control thread in the delta with this sequence number (or a
+    /// later one it is folded into).
+    pub fn next_seq(&self) -> u64 {
+        self.seq.get() + 1
+    }
+
+    /// Records the epoch of the snapshot the shard adopted (reported in every delta).
+    pub fn set_epoch(&self, epoch: u64) {
+        self.epoch.set(epoch);
+    }
+
+    /// Epoch last set with [`set_epoch`](Self::set_epoch).
+    pub fn epoch(&self) -> u64 {
+        self.epoch.get()
+    }
+
+    #[inline]
+    fn with_breaker(&self, upstream: usize, f: impl FnOnce(&mut BreakerSample)) {
+        let mut t = self.tallies.borrow_mut();
+        match t.breaker.get_mut(upstream) {
+            Some(b) => f(b),
+            None => t.invalid_records += 1,
+        }
+    }
+
+    /// The breaker refused a call to `upstream`.
+    pub fn breaker_rejected(&self, upstream: usize) {
+        self.with_breaker(upstream, |b| b.rejected += 1);
+    }
+
+    /// A half-open probe of `round` was admitted.
+    pub fn breaker_probe_admitted(&self, upstream: usize, round: u64) {
+        self.with_breaker(upstream, |b| {
+            if probe_round(b, round) {
+                b.probes_admitted += 1;
+            }
+        });
+    }
+
+    /// The shard tripped `upstream` locally (consecutive failures).
+    pub fn breaker_fast_trip(&self, upstream: usize) {
+        self.with_breaker(upstream, |b| b.fast_trip = true);
+    }
+
+    /// An admitted call ended; `probe_round` is the admission's (0 = not a probe).
+    pub fn breaker_outcome(
+        &self,
+        upstream: usize,
+        probe_round_of_call: u64,
+        outcome: crate::breaker::Outcome,
+        latency_us: u64,
+    ) {
+        use crate::breaker::Outcome;
+        self.with_breaker(upstream, |b| {
+            let probe = probe_round_of_call != 0 && probe_round(b, probe_round_of_call);
+            match outcome {
+                Outcome::Success => {
+                    b.successes += 1;
+                    b.latency_sum_us = b.latency_sum_us.saturating_add(latency_us);
+                    b.latency_count += 1;
+                    if probe {
+                        b.probe_successes += 1;
+                    }
+                }
+                Outcome::Failure => {
+                    b.failures += 1;
+                    if probe {
+                        b.probe_failures += 1;
+                    }
+                }
+            }
+        });
+    }
+
     /// Moves every count since the previous call into a delta and leaves zeros (same tables, no
     /// reallocation of the shard's storage). Each call gets the next sequence number.
     pub fn take_delta(&self) -> StatsDelta {
@@ -280,6 +366,7 @@ impl ShardStats {
         let mut d = StatsDelta {
             shard: self.shard,
             seq,
+            epoch: self.epoch.get(),
             failed_sends: self.failed_sends.replace(0),
             invalid_records: std::mem::take(&mut t.invalid_records),
             ..StatsDelta::default()
@@ -317,6 +404,17 @@ impl ShardStats {
                 d.upstream_latency.push((ui, s));
             }
         }
+        for b in t.breaker.iter_mut() {
+            if !b.is_zero() {
+                d.breaker.push(*b);
+                // The probe round stays: later outcomes of the same round keep counting.
+                *b = BreakerSample {
+                    upstream: b.upstream,
+                    probe_round: b.probe_round,
+                    ..BreakerSample::default()
+                };
+            }
+        }
         d
     }
 
@@ -346,6 +444,18 @@ impl ShardStats {
     pub fn has_pending(&self) -> bool {
         self.pending.borrow().is_some()
     }
+}
+
+/// Moves `b`'s probe counts to `round` when it is newer; false when `round` is older (its
+/// results no longer matter to the control thread).
+fn probe_round(b: &mut BreakerSample, round: u64) -> bool {
+    if round > b.probe_round {
+        b.probe_round = round;
+        b.probes_admitted = 0;
+        b.probe_successes = 0;
+        b.probe_failures = 0;
+    }
+    round == b.probe_round
 }
 
 fn drain_histogram(h: &mut Histogram<u64>) -> Option<LatencySamples> {
@@ -422,10 +532,24 @@ pub async fn run_ticker(
     tick: Duration,
     stop: StopSignal,
 ) -> bool {
+    run_ticker_with(stats, tx, tick, stop, || {}).await
+}
+
+/// [`run_ticker`] that calls `before_flush` on every tick right before the delta is taken (the
+/// shard adopts the newest snapshot there, so the delta reports the epoch it now runs on). The
+/// hook must not block.
+pub async fn run_ticker_with(
+    stats: Rc<ShardStats>,
+    tx: Sender<StatsDelta>,
+    tick: Duration,
+    stop: StopSignal,
+    mut before_flush: impl FnMut(),
+) -> bool {
     let mut next = monoio::time::Instant::now() + tick;
     while !stop.is_triggered() {
         monoio::select! {
             _ = monoio::time::sleep_until(next) => {
+                before_flush();
                 stats.flush(&tx);
                 next += tick;
                 let now = monoio::time::Instant::now();
@@ -462,8 +586,10 @@ impl Default for ShardStats {
                 pair_slot: Vec::new(),
                 pairs: Vec::new(),
                 upstream_latency: Vec::new(),
+                breaker: Vec::new(),
                 invalid_records: 0,
             }),
+            epoch: Cell::new(0),
             pending: RefCell::new(None),
             failed_sends: Cell::new(0),
         }
@@ -505,7 +631,7 @@ mod tests {
     #[test]
     fn ticker_in_monoio_runtime_delivers_to_control_thread() {
         let config = Arc::new(test_config());
-        let control = crate::stats::spawn(config.clone(), 64).unwrap();
+        let control = crate::stats::spawn(config.clone(), 64, 2).unwrap();
         let merged = control.merged();
         let tx = control.sender();
         let cfg = config.clone();
