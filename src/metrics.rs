@@ -1,6 +1,9 @@
 //! Prometheus text rendering (admin thread) of the merged statistics: exposition format 0.0.4,
 //! hand-written because the per-shard design has no global registry to feed.
 
+/// The `error` label (and OpenAI `code`) of a request refused by a forward's rate limit.
+pub const RATE_LIMITED: &str = "rate_limited";
+
 use std::fmt::Write;
 use std::sync::Arc;
 
@@ -128,6 +131,46 @@ pub fn render(merged: &Merged, config: &Config) -> String {
                 sample(&mut out, "llmproxy_upstream_errors_total", &labels, None, n);
             }
         }
+    }
+
+    family(
+        &mut out,
+        "llmproxy_upstream_retries_total",
+        "Requests sent again after the upstream failed them or answered 5xx/429, by group and upstream.",
+        "counter",
+    );
+    for (&pair, t) in &merged.upstreams {
+        let [group, upstream] = pair_labels(config, pair);
+        sample(
+            &mut out,
+            "llmproxy_upstream_retries_total",
+            &[group, upstream],
+            None,
+            t.retries,
+        );
+    }
+
+    // Rate-limit rejections are the forward's `rate_limited` errors.
+    family(
+        &mut out,
+        "llmproxy_ratelimit_total",
+        "Requests rejected by the per-client-IP rate limit, by forward.",
+        "counter",
+    );
+    for (fi, f) in config.forwards.iter().enumerate() {
+        let n: u64 = merged
+            .http_errors
+            .iter()
+            .filter(|((fwd, error, _), _)| *fwd == fi && *error == RATE_LIMITED)
+            .map(|(_, n)| *n)
+            .sum();
+        sample(
+            &mut out,
+            "llmproxy_ratelimit_total",
+            &[("forward", f.name.as_str())],
+            None,
+            n,
+        );
     }
 
     breaker_families(&mut out, merged, config);

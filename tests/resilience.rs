@@ -174,6 +174,12 @@ fn a_5xx_is_retried_on_another_member_only_when_retry_is_on() {
     );
     assert_eq!(failing.stat("requests"), 2);
     assert_eq!(live.stat("requests"), 1);
+    assert!(eventually(Duration::from_secs(2), || proxy
+        .admin_get("/metrics")
+        .text()
+        .contains(
+            "llmproxy_upstream_retries_total{group=\"g\",upstream=\"a\"} 1"
+        )));
 }
 
 #[test]

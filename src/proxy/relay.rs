@@ -203,6 +203,7 @@ async fn run(
             Attempt::Cut(f, status, _) => return Err((f, Sent::Head(status))),
             Attempt::Retry { status, wait, .. } => {
                 retries += 1;
+                ctx.stats.upstream_retry(group_idx, uidx);
                 tracing::debug!(upstream = %ctx.config.upstreams[uidx].name, status, ?wait, "retrying");
                 monoio::time::sleep(wait).await;
                 retry_any_member(group, &mut tried);
@@ -231,10 +232,11 @@ async fn run(
                             return Err((failure, Sent::Nothing));
                         }
                         retries += 1;
+                        ctx.stats.upstream_retry(group_idx, uidx);
                         monoio::time::sleep(wait).await;
                         retry_any_member(group, &mut tried);
                     }
-                    None if idempotent => {}
+                    None if idempotent => ctx.stats.upstream_retry(group_idx, uidx),
                     _ => return Err((failure, Sent::Nothing)),
                 }
                 last = Some(failure);

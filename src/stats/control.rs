@@ -32,6 +32,8 @@ pub struct UpstreamTotals {
     pub duration: DurationCounts,
     /// Failures by kind, indexed by [`UpstreamErrorKind::index`].
     pub errors: [u64; UpstreamErrorKind::COUNT],
+    /// Requests sent again after this upstream failed them or answered 5xx/429.
+    pub retries: u64,
 }
 
 impl UpstreamTotals {
@@ -241,6 +243,7 @@ impl Merged {
             for (a, b) in t.errors.iter_mut().zip(u.errors.iter()) {
                 *a += b;
             }
+            t.retries += u.retries;
         }
         for b in &delta.breaker {
             match self.breakers.get_mut(b.upstream) {

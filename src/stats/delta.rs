@@ -187,6 +187,8 @@ pub struct UpstreamSample {
     pub duration: DurationCounts,
     /// Failures by kind, indexed by [`UpstreamErrorKind::index`].
     pub errors: [u64; UpstreamErrorKind::COUNT],
+    /// Requests sent again after this upstream failed them or answered 5xx/429.
+    pub retries: u64,
 }
 
 impl UpstreamSample {

@@ -109,6 +109,7 @@ struct UpstreamTally {
     upstream: usize,
     duration: DurationCounts,
     errors: [u64; UpstreamErrorKind::COUNT],
+    retries: u64,
 }
 
 struct Tallies {
@@ -156,6 +157,7 @@ impl ShardStats {
                             upstream: m.upstream,
                             duration: DurationCounts::default(),
                             errors: [0; UpstreamErrorKind::COUNT],
+                            retries: 0,
                         });
                     }
                 }
@@ -357,6 +359,24 @@ impl ShardStats {
         });
     }
 
+    /// A request is sent again (to another member or the same one) after this upstream failed
+    /// it or answered 5xx/429.
+    pub fn upstream_retry(&self, group: usize, upstream: usize) {
+        let mut t = self.tallies.borrow_mut();
+        let slot = if upstream < t.n_upstreams {
+            t.pair_slot
+                .get(group * t.n_upstreams + upstream)
+                .copied()
+                .unwrap_or(u32::MAX)
+        } else {
+            u32::MAX
+        };
+        match t.pairs.get_mut(slot as usize) {
+            Some(p) => p.retries += 1,
+            None => t.invalid_records += 1,
+        }
+    }
+
     /// Moves every count since the previous call into a delta and leaves zeros (same tables, no
     /// reallocation of the shard's storage). Each call gets the next sequence number.
     pub fn take_delta(&self) -> StatsDelta {
@@ -390,12 +410,13 @@ impl ShardStats {
             }
         }
         for p in t.pairs.iter_mut() {
-            if !p.duration.is_zero() {
+            if !p.duration.is_zero() || p.retries > 0 {
                 d.upstreams.push(UpstreamSample {
                     group: p.group,
                     upstream: p.upstream,
                     duration: std::mem::take(&mut p.duration),
                     errors: std::mem::take(&mut p.errors),
+                    retries: std::mem::take(&mut p.retries),
                 });
             }
         }
