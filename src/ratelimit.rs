@@ -45,16 +45,17 @@
 //! by at least `T`, the first admit in the interval leaves `TAT ≥ a + T` and the last one requires
 //! `TAT' ≤ b + burst × T`.) `T` is rounded *up* to a whole tick (62.5 ns; 1 ns per upstream), so
 //! the bound is never exceeded and the long-run rate is at most `per_second² / 16·10⁶` below the
-//! configured one (≤ 0.07 % at 10 000/s; exact whenever `per_second` divides 16 000 000).
+//! configured one (< 0.07 % for any forward rate up to 10 000/s; exact whenever `per_second`
+//! divides 16 000 000, e.g. 1, 2, 5, 10, 100, 1000, 10 000).
 //!
 //! The table is finite, so three rare cases trade exactness, each bounded:
 //! * **Crowding**: a key whose 4 probed slots hold live buckets of 4 other keys (a bucket is live
 //!   until it is full again, i.e. for at most `burst / per_second` s after its last request) shares
 //!   the last one: the sharing keys *together* stay within the bound, each may get less. When the
 //!   crowded key later finds a slot of its own it starts with a full bucket, so it can get one
-//!   extra `burst` per such move. With 2^16 slots this needs on the order of ten thousand clients
-//!   active at the same moment on one forward; size the table at ≥ 4× the clients you expect to be
-//!   live at once.
+//!   extra `burst` per such move. With 2^16 slots it starts to happen (to a few keys) with on the
+//!   order of ten thousand clients live at the same moment on one forward; size the table at ≥ 4×
+//!   the clients you expect to be live at once.
 //! * **Tag collision**: two live keys in the same window with the same 12-bit tag share a bucket,
 //!   as above (probability 1/4096 per live neighbour in the window).
 //! * **Creation race**: a new key first seen on two shards at the same instant, while a slot in its
