@@ -11,6 +11,7 @@ pub mod io;
 pub mod metrics;
 pub mod mock;
 pub mod proxy;
+pub mod ratelimit;
 pub mod route;
 pub mod shard;
 pub mod stats;
