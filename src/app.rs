@@ -74,11 +74,6 @@ fn resolve_upstreams(cfg: &Config) -> Result<Vec<std::net::SocketAddr>, String> 
 /// never mistaken for one that is fully in effect.
 fn warn_unimplemented(cfg: &Config) {
     use crate::config::Scheme;
-    for f in &cfg.forwards {
-        if f.ratelimit.is_some() {
-            tracing::warn!(forward = %f.name, "ratelimit is configured but not enforced yet");
-        }
-    }
     for g in &cfg.groups {
         if g.client.proxy.is_some() {
             tracing::warn!(group = %g.name, "outbound proxy is configured but not used yet");
@@ -87,9 +82,6 @@ fn warn_unimplemented(cfg: &Config) {
     for u in &cfg.upstreams {
         if u.scheme == Scheme::Https {
             tracing::error!(upstream = %u.name, "https upstreams are not supported yet; requests to it answer 502");
-        }
-        if u.ratelimit_per_second.is_some() {
-            tracing::warn!(upstream = %u.name, "upstream ratelimit is configured but not enforced yet");
         }
     }
 }
@@ -198,6 +190,7 @@ pub fn serve(cfg: Config, addrs: Vec<std::net::SocketAddr>) -> Result<ExitCode, 
         health: health.clone(),
         stats_tx: control.sender(),
         snapshots: (0..shards).map(|s| control.snapshot_receiver(s)).collect(),
+        limits: Arc::new(crate::ratelimit::Limits::new(&cfg)),
     });
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let mut handles = Vec::with_capacity(shards);

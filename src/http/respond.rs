@@ -208,6 +208,18 @@ pub mod errors {
         "no_upstream_available",
         "no upstream available in the group",
     );
+    pub const RATE_LIMITED: ErrorReply = ErrorReply::new(
+        429,
+        "rate_limit_error",
+        crate::metrics::RATE_LIMITED,
+        "too many requests from this client; retry after the Retry-After delay",
+    );
+    pub const UPSTREAM_RATE_LIMITED: ErrorReply = ErrorReply::new(
+        429,
+        "rate_limit_error",
+        "upstream_rate_limited",
+        "every upstream of the group is at its configured rate; retry after the Retry-After delay",
+    );
     pub const SHUTTING_DOWN: ErrorReply = ErrorReply::new(
         503,
         "server_error",

@@ -34,6 +34,8 @@ pub enum Failure {
     ClientGone,
     /// The upstream failed.
     Upstream(ErrorReply, crate::stats::UpstreamErrorKind),
+    /// Over a rate limit: answer 429 with `Retry-After` (seconds).
+    Limited(ErrorReply, u64),
 }
 
 impl Failure {
@@ -172,8 +174,19 @@ impl ClientOut {
 
     /// Answers an error the proxy produced itself.
     pub async fn reply_error(&mut self, e: &ErrorReply, keep_alive: bool, limit: Duration) {
+        self.reply_error_with(e, keep_alive, limit, &[]).await;
+    }
+
+    /// [`reply_error`](Self::reply_error) with extra header fields.
+    pub async fn reply_error_with(
+        &mut self,
+        e: &ErrorReply,
+        keep_alive: bool,
+        limit: Duration,
+        extra: &[(&str, &str)],
+    ) {
         self.wbuf.clear();
-        encode_error(&mut self.wbuf, e, keep_alive, &[]);
+        encode_error(&mut self.wbuf, e, keep_alive, extra);
         self.linger = !keep_alive;
         let _ = self.flush(limit).await;
     }

@@ -68,6 +68,23 @@ pub(super) async fn exchange(
             ctx.stats.http_request(fwd, &method, &path, status, elapsed);
             After::Close
         }
+        Err((Failure::Limited(reply, secs), _)) => {
+            ctx.stats.http_error(fwd, reply.code, 429);
+            ctx.stats.http_request(fwd, &method, &path, 429, elapsed);
+            // Nothing of the body was read: the connection stays usable only without one.
+            let keep = req.keep_alive
+                && req.framing == crate::http::body::Framing::Empty
+                && !ctx.drain.fired();
+            let secs = secs.max(1).to_string();
+            d.out
+                .reply_error_with(&reply, keep, send_limit, &[("retry-after", &secs)])
+                .await;
+            if keep {
+                After::KeepAlive
+            } else {
+                After::Close
+            }
+        }
         Err((Failure::ClientGone, _)) => {
             ctx.stats.http_error(fwd, "client_closed", CLIENT_CLOSED);
             ctx.stats
@@ -115,6 +132,16 @@ async fn run(
     start: Instant,
 ) -> RunResult {
     let forward = &ctx.config.forwards[fwd];
+    // The per-client limit comes first: a refused request costs no body read and no upstream.
+    if let Err(wait) = ctx
+        .limits
+        .check_forward(fwd, d.out.peer_addr, Instant::now())
+    {
+        return Err((
+            Failure::Limited(errors::RATE_LIMITED, wait.secs()),
+            Sent::Nothing,
+        ));
+    }
     if let crate::http::body::Framing::Length(n) = req.framing {
         if n > forward.max_body_bytes {
             return Err((Failure::Client(errors::BODY_TOO_LARGE), Sent::Nothing));
@@ -141,13 +168,15 @@ async fn run(
 
     loop {
         let Some(uidx) = ctx.pick(group_idx, d.out.peer_addr, &tried) else {
-            let f = last.unwrap_or(Failure::Upstream(
-                errors::NO_UPSTREAM,
-                UpstreamErrorKind::Connect,
-            ));
+            let f = last.unwrap_or_else(|| no_upstream(ctx, group));
             return Err((f, Sent::Nothing));
         };
         tried.push(uidx);
+        // An upstream at its own rate is passed over (another shard may have taken the last
+        // token since the balancer looked).
+        if !ctx.limits.upstream_try_acquire(uidx, Instant::now()) {
+            continue;
+        }
         // The breaker may refuse between pick and admission (a half-open probe slot taken).
         let Some(admission) = ctx.health.admit(uidx, Instant::now()) else {
             continue;
@@ -242,6 +271,23 @@ async fn run(
                 last = Some(failure);
             }
         }
+    }
+}
+
+/// Why no member could take the request: every available one is at its rate (429), or none is
+/// available at all (503).
+fn no_upstream(ctx: &ShardCtx, group: &Group) -> Failure {
+    let now = Instant::now();
+    let limited = group.members.iter().find_map(|m| {
+        let u = m.upstream;
+        if !ctx.health.is_available(u, now) {
+            return None;
+        }
+        ctx.limits.upstreams.get(u)?.as_ref()?.retry_after(now)
+    });
+    match limited {
+        Some(wait) => Failure::Limited(errors::UPSTREAM_RATE_LIMITED, wait.secs()),
+        None => Failure::Upstream(errors::NO_UPSTREAM, UpstreamErrorKind::Connect),
     }
 }
 

@@ -20,6 +20,7 @@ use crate::balance::{Balancer, UpstreamView};
 pub use crate::breaker::Admission;
 use crate::breaker::{Outcome as BreakerOutcome, ShardHealth, Snapshot};
 use crate::config::{Config, Driver};
+use crate::ratelimit::Limits;
 use crate::route::Router;
 use crate::stats::{ShardStats, StatsDelta};
 use crate::upstream::Pool;
@@ -38,6 +39,8 @@ pub struct Shared {
     pub stats_tx: crossbeam::channel::Sender<StatsDelta>,
     /// Per shard id: where the control thread publishes the newest global snapshot.
     pub snapshots: Vec<crossbeam::channel::Receiver<Arc<Snapshot>>>,
+    /// Rate limits (lock-free tables shared by every shard; only enabled limits touch them).
+    pub limits: Arc<Limits>,
 }
 
 /// One shard's state. Owned by the shard thread (`Rc`), never shared.
@@ -47,6 +50,7 @@ pub struct ShardCtx {
     pub addrs: Vec<SocketAddr>,
     pub pool: Pool,
     pub stats: Rc<ShardStats>,
+    pub limits: Arc<Limits>,
     /// Breakers and the global snapshot as this shard sees them (adopted on the stats tick).
     pub health: Rc<ShardHealth>,
     /// Balancer per group.
@@ -69,6 +73,7 @@ impl ShardCtx {
         let config = shared.config.clone();
         ShardCtx {
             id,
+            limits: shared.limits.clone(),
             pool: Pool::new(config.upstreams.len()),
             balancers: config.groups.iter().map(|g| Balancer::new(g, id)).collect(),
             in_flight: config.upstreams.iter().map(|_| Cell::new(0)).collect(),
@@ -155,7 +160,8 @@ impl ShardCtx {
 
 impl UpstreamView for ShardCtx {
     fn available(&self, upstream: usize) -> bool {
-        self.health.is_available(upstream, Instant::now())
+        let now = Instant::now();
+        self.health.is_available(upstream, now) && self.limits.upstream_would_admit(upstream, now)
     }
 
     fn in_flight(&self, upstream: usize) -> u32 {
