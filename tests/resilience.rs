@@ -240,3 +240,109 @@ fn an_answer_that_began_is_never_replayed() {
         "no duplicate POST after the answer began"
     );
 }
+
+#[test]
+fn in_flight_counts_fall_back_to_zero_however_an_exchange_ends() {
+    let a = Mock::start(&[]);
+    let b = Mock::start(&[]);
+    // Every way an exchange can end is played against `a` alone (route `/a/*` → group `only_a`);
+    // then `g` (least_requests over a and b) must still split idle picks between them. A count
+    // that did not fall back would make every pick avoid `a`. Breakers are off so failures do
+    // not take `a` out.
+    let yaml = format!(
+        "http_server:
+  forwards:
+    - name: f
+      address: 127.0.0.1
+      port: {{PORT}}
+      upstream_group: g
+      routing:
+        - {{path: \"/a/*\", target_group: only_a}}
+  admin:
+    address: 127.0.0.1
+    port: {{ADMIN}}
+upstreams:
+  - name: a
+    url: http://127.0.0.1:{}/v1
+    breaker: {{enabled: false}}
+  - name: b
+    url: http://127.0.0.1:{}/v1
+    breaker: {{enabled: false}}
+upstream_groups:
+  - name: g
+    upstreams: [{{name: a}}, {{name: b}}]
+    balance: {{strategy: least_requests}}
+  - name: only_a
+    upstreams: [{{name: a}}]
+    http_client: {{timeout: {{request: 1}}}}
+",
+        a.port(),
+        b.port()
+    );
+    let proxy = Proxy::start(&yaml, &["--shards", "1"]);
+    let sse = |extra: &str| {
+        let body = chat(true);
+        [
+            format!(
+                "POST /a/chat/completions HTTP/1.1\r\nhost: t\r\ncontent-length: {}\r\n{extra}\r\n",
+                body.len()
+            )
+            .into_bytes(),
+            body,
+        ]
+        .concat()
+    };
+    let mut endings = Vec::new();
+    for i in 0..4 {
+        let port = proxy.port;
+        let req = sse(match i {
+            0 => "x-mock-tokens: 2\r\n",                        // success
+            1 => "x-mock-status: 500\r\n",                      // upstream 5xx
+            2 => "x-mock-tokens: 50\r\nx-mock-gap-ms: 50\r\n",  // client aborts mid-stream
+            _ => "x-mock-tokens: 5\r\nx-mock-cut-after: 1\r\n", // upstream cuts the stream
+        });
+        endings.push(std::thread::spawn(move || {
+            for _ in 0..6 {
+                let mut c = Client::connect(port);
+                c.send(&req);
+                if i == 2 {
+                    let mut tmp = [0u8; 512];
+                    let _ = c.stream.read(&mut tmp);
+                    drop(c);
+                } else {
+                    let _ = c.read_response("POST");
+                }
+            }
+        }));
+    }
+    // Timeouts before the head.
+    endings.push(std::thread::spawn({
+        let port = proxy.port;
+        move || {
+            for _ in 0..2 {
+                let _ = request(
+                    port,
+                    "GET",
+                    "/a/models",
+                    &[("x-mock-delay-ms", "3000")],
+                    b"",
+                );
+            }
+        }
+    }));
+    for t in endings {
+        t.join().unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(a.stat("requests") >= 26, "the endings reached a");
+    let (a0, b0) = (a.stat("requests"), b.stat("requests"));
+    for _ in 0..20 {
+        assert_eq!(proxy.get("/v1/models").status, 200);
+    }
+    let (da, db) = (a.stat("requests") - a0, b.stat("requests") - b0);
+    assert_eq!(da + db, 20);
+    assert!(
+        da > 0 && db > 0,
+        "all 20 idle picks went to one member ({da}/{db}): an in-flight count leaked"
+    );
+}
