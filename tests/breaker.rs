@@ -72,28 +72,11 @@ fn failures_seen_by_one_shard_steer_the_others() {
     // failures, the merged breaker opens for both, and traffic moves to the healthy member.
     let bad = Mock::start(&["--error-status", "500"]);
     let good = Mock::start(&[]);
-    let yaml = format!(
-        "http_server:
-  forwards:
-    - name: f
-      address: 127.0.0.1
-      port: {{PORT}}
-      upstream_group: g
-  admin:
-    address: 127.0.0.1
-    port: {{ADMIN}}
-upstreams:
-  - name: bad
-    url: http://127.0.0.1:{}/v1
-    breaker: {{cooldown: 30, min_requests: 4, threshold: 0.5, consecutive_failures: 1000}}
-  - name: good
-    url: http://127.0.0.1:{}/v1
-upstream_groups:
-  - name: g
-    upstreams: [{{name: bad}}, {{name: good}}]
-",
-        bad.port(),
-        good.port()
+    let breaker =
+        "    breaker: {cooldown: 30, min_requests: 4, threshold: 0.5, consecutive_failures: 1000}";
+    let yaml = group_config(
+        &[("bad", bad.port(), breaker), ("good", good.port(), "")],
+        "",
     );
     let proxy = Proxy::start(&yaml, &["--shards", "2"]);
     // One keep-alive connection lives on one shard; it alone feeds the breaker.

@@ -84,35 +84,20 @@ fn a_client_spread_over_every_shard_gets_no_more_than_rate_plus_burst() {
     }));
 }
 
-fn two_members(a: u16, b: u16, a_extra: &str) -> String {
-    format!(
-        "http_server:
-  forwards:
-    - name: f
-      address: 127.0.0.1
-      port: {{PORT}}
-      upstream_group: g
-  admin:
-    address: 127.0.0.1
-    port: {{ADMIN}}
-upstreams:
-  - name: a
-    url: http://127.0.0.1:{a}/v1
-{a_extra}
-  - name: b
-    url: http://127.0.0.1:{b}/v1
-upstream_groups:
-  - name: g
-    upstreams: [{{name: a}}, {{name: b}}]
-"
-    )
+fn two_members(a: u16, b: u16, a_extra: &str, b_extra: &str) -> String {
+    group_config(&[("a", a, a_extra), ("b", b, b_extra)], "")
 }
 
 #[test]
 fn an_upstream_at_its_rate_is_passed_over() {
     let a = Mock::start(&[]);
     let b = Mock::start(&[]);
-    let yaml = two_members(a.port(), b.port(), "    ratelimit:\n      per_second: 5");
+    let yaml = two_members(
+        a.port(),
+        b.port(),
+        "    ratelimit:\n      per_second: 5",
+        "",
+    );
     let proxy = Proxy::start(&yaml, &["--shards", "1"]);
     let t = Instant::now();
     let mut c = Client::connect(proxy.port);
@@ -132,13 +117,8 @@ fn an_upstream_at_its_rate_is_passed_over() {
 fn every_member_at_its_rate_is_429_with_retry_after() {
     let a = Mock::start(&[]);
     let b = Mock::start(&[]);
-    let yaml = two_members(a.port(), b.port(), "    ratelimit:\n      per_second: 2").replace(
-        &format!("url: http://127.0.0.1:{}/v1\nupstream_groups", b.port()),
-        &format!(
-            "url: http://127.0.0.1:{}/v1\n    ratelimit:\n      per_second: 2\nupstream_groups",
-            b.port()
-        ),
-    );
+    let limit = "    ratelimit:\n      per_second: 2";
+    let yaml = two_members(a.port(), b.port(), limit, limit);
     let proxy = Proxy::start(&yaml, &["--shards", "1"]);
     let mut statuses = Vec::new();
     let mut c = Client::connect(proxy.port);

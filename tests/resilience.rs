@@ -11,31 +11,9 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// A group `g` of upstreams `a` then `b` (roundrobin, one shard so the order is fixed).
+/// A group `g` of upstreams `a` then `b` (roundrobin unless `group_extra` says otherwise).
 fn two_member_config(a_port: u16, b_port: u16, group_extra: &str) -> String {
-    format!(
-        "http_server:
-  forwards:
-    - name: f
-      address: 127.0.0.1
-      port: {{PORT}}
-      upstream_group: g
-  admin:
-    address: 127.0.0.1
-    port: {{ADMIN}}
-upstreams:
-  - name: a
-    url: http://127.0.0.1:{a_port}/v1
-  - name: b
-    url: http://127.0.0.1:{b_port}/v1
-upstream_groups:
-  - name: g
-    upstreams:
-      - name: a
-      - name: b
-{group_extra}
-"
-    )
+    group_config(&[("a", a_port, ""), ("b", b_port, "")], group_extra)
 }
 
 /// An upstream that reads each request and closes without answering; counts requests.

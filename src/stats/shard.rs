@@ -112,6 +112,19 @@ struct UpstreamTally {
     retries: u64,
 }
 
+impl Tallies {
+    /// Index into `pairs` of a configured `{group, upstream}` membership.
+    fn pair(&self, group: usize, upstream: usize) -> Option<usize> {
+        if upstream >= self.n_upstreams {
+            return None;
+        }
+        match self.pair_slot.get(group * self.n_upstreams + upstream) {
+            Some(&s) if s != u32::MAX => Some(s as usize),
+            _ => None,
+        }
+    }
+}
+
 struct Tallies {
     forwards: Vec<ForwardTally>,
     n_upstreams: usize,
@@ -263,20 +276,12 @@ impl ShardStats {
         error: Option<UpstreamErrorKind>,
     ) {
         let mut t = self.tallies.borrow_mut();
-        let slot = if upstream < t.n_upstreams {
-            t.pair_slot
-                .get(group * t.n_upstreams + upstream)
-                .copied()
-                .unwrap_or(u32::MAX)
-        } else {
-            u32::MAX
-        };
-        if slot == u32::MAX {
+        let Some(slot) = t.pair(group, upstream) else {
             t.invalid_records += 1;
             return;
-        }
+        };
         let us = micros(elapsed);
-        let p = &mut t.pairs[slot as usize];
+        let p = &mut t.pairs[slot];
         p.duration.record(us);
         if let Some(e) = error {
             p.errors[e.index()] += 1;
@@ -363,16 +368,8 @@ impl ShardStats {
     /// it or answered 5xx/429.
     pub fn upstream_retry(&self, group: usize, upstream: usize) {
         let mut t = self.tallies.borrow_mut();
-        let slot = if upstream < t.n_upstreams {
-            t.pair_slot
-                .get(group * t.n_upstreams + upstream)
-                .copied()
-                .unwrap_or(u32::MAX)
-        } else {
-            u32::MAX
-        };
-        match t.pairs.get_mut(slot as usize) {
-            Some(p) => p.retries += 1,
+        match t.pair(group, upstream) {
+            Some(slot) => t.pairs[slot].retries += 1,
             None => t.invalid_records += 1,
         }
     }

@@ -164,6 +164,30 @@ upstream_groups:
     )
 }
 
+/// One forward `f` (on `{PORT}`) to group `g` of `members` — `(name, mock port, extra YAML lines
+/// for that upstream)`, each with base path `/v1` — and `group_extra` YAML lines for the group.
+pub fn group_config(members: &[(&str, u16, &str)], group_extra: &str) -> String {
+    let mut y = String::from(
+        "http_server:\n  forwards:\n    - name: f\n      address: 127.0.0.1\n      port: {PORT}\n      upstream_group: g\n  admin:\n    address: 127.0.0.1\n    port: {ADMIN}\nupstreams:\n",
+    );
+    for (name, port, extra) in members {
+        y.push_str(&format!(
+            "  - name: {name}\n    url: http://127.0.0.1:{port}/v1\n"
+        ));
+        if !extra.is_empty() {
+            y.push_str(extra);
+            y.push('\n');
+        }
+    }
+    y.push_str("upstream_groups:\n  - name: g\n    upstreams:\n");
+    for (name, _, _) in members {
+        y.push_str(&format!("      - name: {name}\n"));
+    }
+    y.push_str(group_extra);
+    y.push('\n');
+    y
+}
+
 impl Proxy {
     /// Starts llmproxyd on `yaml` (with `{PORT}` and `{ADMIN}` replaced by free ports) and
     /// waits until the forward accepts connections.
