@@ -30,6 +30,17 @@ fn https_url(mock: &Mock, base: &str) -> String {
     format!("https://127.0.0.1:{}{base}", mock.port())
 }
 
+/// A TLS mock behind a proxy that serves HTTPS and trusts the mock's CA.
+fn tls_both_sides() -> (Pki, Mock, Proxy) {
+    let pki = Pki::new("test CA");
+    let mock = Mock::start_tls(&[], &pki);
+    let proxy = Proxy::start(
+        &config_with_url(&https_url(&mock, ""), &serve_tls(&pki), &trust(&pki), ""),
+        &[],
+    );
+    (pki, mock, proxy)
+}
+
 fn chat(c: &mut Client) -> Response {
     c.request(
         "POST",
@@ -37,6 +48,17 @@ fn chat(c: &mut Client) -> Response {
         &[("content-type", "application/json")],
         CHAT,
     )
+}
+
+/// A streamed chat request with extra header lines (`name: value\r\n` each).
+fn stream_request(extra: &str) -> Vec<u8> {
+    let mut req = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\n{extra}content-length: {}\r\n\r\n",
+        CHAT_STREAM.len()
+    )
+    .into_bytes();
+    req.extend_from_slice(CHAT_STREAM);
+    req
 }
 
 fn assert_error(r: &Response, status: u16, code: &str) -> String {
@@ -71,12 +93,7 @@ fn https_upstream_serves_json_and_keeps_one_pooled_tls_connection() {
 
 #[test]
 fn https_listener_to_https_upstream() {
-    let pki = Pki::new("test CA");
-    let mock = Mock::start_tls(&[], &pki);
-    let proxy = Proxy::start(
-        &config_with_url(&https_url(&mock, ""), &serve_tls(&pki), &trust(&pki), ""),
-        &[],
-    );
+    let (pki, _mock, proxy) = tls_both_sides();
     let mut c = Client::connect_tls(proxy.port, pki.client_config());
     let r = c.request("GET", "/echo/x?q=1", &[], b"");
     assert_eq!(r.status, 200, "{}", r.text());
@@ -108,21 +125,12 @@ fn https_listener_to_https_upstream() {
 
 #[test]
 fn sse_over_tls_on_both_sides_arrives_event_by_event() {
-    let pki = Pki::new("test CA");
-    let mock = Mock::start_tls(&[], &pki);
-    let proxy = Proxy::start(
-        &config_with_url(&https_url(&mock, ""), &serve_tls(&pki), &trust(&pki), ""),
-        &[],
-    );
+    let (pki, _mock, proxy) = tls_both_sides();
     let mut c = Client::connect_tls(proxy.port, pki.client_config());
     let start = Instant::now();
-    let mut req = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\nx-mock-tokens: 5\r\nx-mock-gap-ms: 200\r\ncontent-length: {}\r\n\r\n",
-        CHAT_STREAM.len()
-    )
-    .into_bytes();
-    req.extend_from_slice(CHAT_STREAM);
-    c.send(&req);
+    c.send(&stream_request(
+        "x-mock-tokens: 5\r\nx-mock-gap-ms: 200\r\n",
+    ));
     c.stream
         .set_read_timeout(Some(Duration::from_secs(5)))
         .unwrap();
@@ -476,13 +484,7 @@ fn a_tls_client_that_leaves_is_noticed_while_the_model_thinks() {
     // Leaving with close_notify, and without (a dropped socket): both end the upstream stream.
     for (i, notify) in [true, false].into_iter().enumerate() {
         let mut c = Client::connect_tls(proxy.port, pki.client_config());
-        let mut req = format!(
-            "POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\nx-mock-ttft-ms: 5000\r\ncontent-length: {}\r\n\r\n",
-            CHAT_STREAM.len()
-        )
-        .into_bytes();
-        req.extend_from_slice(CHAT_STREAM);
-        c.send(&req);
+        c.send(&stream_request("x-mock-ttft-ms: 5000\r\n"));
         let mut tmp = [0u8; 4096];
         assert!(
             c.read_some(&mut tmp).unwrap() > 0,

@@ -200,24 +200,37 @@ impl<S: AsyncReadRent> AsyncReadRent for TlsConn<S> {
     }
 }
 
+/// Installs `c` for the TLS read about to start (cleared when the guard drops); `None` when the
+/// connection cannot read.
+fn arm(st: &IoState, c: CancelHandle) -> Option<ClearCancel<'_>> {
+    if !st.can_read() {
+        return None;
+    }
+    st.cancel.set(Some(c));
+    Some(ClearCancel(st))
+}
+
+/// A read cancelled before a whole record arrived comes back from rustls as `WouldBlock` (what
+/// did arrive stays buffered there); callers see what a cancelled TCP read gives.
+fn cancelled<T>(r: BufResult<usize, T>) -> BufResult<usize, T> {
+    match r {
+        (Err(e), buf) if e.kind() == io::ErrorKind::WouldBlock => {
+            (Err(io::Error::from_raw_os_error(ECANCELED)), buf)
+        }
+        r => r,
+    }
+}
+
 impl<S: AsyncReadRent> CancelableAsyncReadRent for TlsConn<S> {
     async fn cancelable_read<T: IoBufMut>(
         &mut self,
         buf: T,
         c: CancelHandle,
     ) -> BufResult<usize, T> {
-        if !self.st.can_read() {
+        let Some(_clear) = arm(&self.st, c) else {
             return (Err(unusable()), buf);
-        }
-        self.st.cancel.set(Some(c));
-        let _clear = ClearCancel(&self.st);
-        match self.s.read(buf).await {
-            // Cancelled before a whole record arrived (what arrived stays buffered in rustls).
-            (Err(e), buf) if e.kind() == io::ErrorKind::WouldBlock => {
-                (Err(io::Error::from_raw_os_error(ECANCELED)), buf)
-            }
-            r => r,
-        }
+        };
+        cancelled(self.s.read(buf).await)
     }
 
     async fn cancelable_readv<T: IoVecBufMut>(
@@ -225,17 +238,10 @@ impl<S: AsyncReadRent> CancelableAsyncReadRent for TlsConn<S> {
         buf: T,
         c: CancelHandle,
     ) -> BufResult<usize, T> {
-        if !self.st.can_read() {
+        let Some(_clear) = arm(&self.st, c) else {
             return (Err(unusable()), buf);
-        }
-        self.st.cancel.set(Some(c));
-        let _clear = ClearCancel(&self.st);
-        match self.s.readv(buf).await {
-            (Err(e), buf) if e.kind() == io::ErrorKind::WouldBlock => {
-                (Err(io::Error::from_raw_os_error(ECANCELED)), buf)
-            }
-            r => r,
-        }
+        };
+        cancelled(self.s.readv(buf).await)
     }
 }
 
