@@ -121,6 +121,12 @@ fn https_listener_to_https_upstream() {
     assert!(plain.read_response("GET").is_none());
     let r = chat(&mut Client::connect_tls(proxy.port, pki.client_config()));
     assert_eq!(r.status, 200, "{}", r.text());
+    // The proxy's own error replies go out over TLS too (then a lingering close).
+    let mut bad = Client::connect_tls(proxy.port, pki.client_config());
+    bad.send(b"GET / HTTP/1.1\r\nhost: a\r\nhost: b\r\n\r\n");
+    let r = bad.read_response("GET").expect("an answer");
+    assert_error(&r, 400, "bad_request");
+    assert!(bad.is_closed(Duration::from_secs(2)));
 }
 
 #[test]
