@@ -1,7 +1,6 @@
 //! Process lifecycle (startup and the main thread): config, listeners, shards, the control
 //! thread, the admin listener, signals and drain.
 
-use std::net::ToSocketAddrs;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -12,6 +11,7 @@ use crate::cli::{Cli, DriverArg};
 use crate::config::{self, Config, Driver};
 use crate::shard::{self, listener, Shared};
 use crate::stats;
+use crate::upstream::connect::Egress;
 
 /// Loads the config named on the command line, or the embedded default.
 pub fn load_config(cli: &Cli) -> Result<Config, String> {
@@ -50,38 +50,14 @@ fn init_logging(cli: &Cli) {
     }
 }
 
-/// Resolves every upstream host once at startup (a shard never blocks on DNS).
-fn resolve_upstreams(cfg: &Config) -> Result<Vec<std::net::SocketAddr>, String> {
-    cfg.upstreams
-        .iter()
-        .enumerate()
-        .map(|(i, u)| {
-            (u.host.as_str(), u.port)
-                .to_socket_addrs()
-                .map_err(|e| {
-                    format!(
-                        "upstreams[{i}] ({}): cannot resolve {}: {e}",
-                        u.name, u.host
-                    )
-                })?
-                .next()
-                .ok_or_else(|| format!("upstreams[{i}] ({}): {} has no address", u.name, u.host))
-        })
-        .collect()
-}
-
-/// Warns about configured features this build does not enforce yet, so a config that loads is
-/// never mistaken for one that is fully in effect.
-fn warn_unimplemented(cfg: &Config) {
-    use crate::config::Scheme;
-    for g in &cfg.groups {
-        if g.client.proxy.is_some() {
-            tracing::warn!(group = %g.name, "outbound proxy is configured but not used yet");
-        }
-    }
+/// Warns at start about settings that weaken security, so they are never on unnoticed.
+fn warn_at_start(cfg: &Config) {
     for u in &cfg.upstreams {
-        if u.scheme == Scheme::Https {
-            tracing::error!(upstream = %u.name, "https upstreams are not supported yet; requests to it answer 502");
+        if u.tls.as_ref().is_some_and(|t| t.insecure_skip_verify) {
+            tracing::warn!(
+                upstream = %u.name,
+                "tls.insecure_skip_verify is true: the upstream's certificate is not checked (encrypted, but anyone on the path can impersonate it)"
+            );
         }
     }
 }
@@ -109,14 +85,14 @@ pub fn run(cli: Cli) -> ExitCode {
     if let Some(s) = cli.shutdown_timeout {
         cfg.runtime.shutdown_timeout = Duration::from_secs(s);
     }
-    let addrs = match resolve_upstreams(&cfg) {
-        Ok(a) => a,
+    let egress = match Egress::resolve(&cfg) {
+        Ok(e) => e,
         Err(msg) => {
             eprintln!("llmproxyd: {msg}");
             return ExitCode::from(1);
         }
     };
-    warn_unimplemented(&cfg);
+    warn_at_start(&cfg);
     if cli.test {
         println!(
             "llmproxyd: configuration {} is valid",
@@ -127,7 +103,7 @@ pub fn run(cli: Cli) -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
-    match serve(cfg, addrs) {
+    match serve(cfg, egress) {
         Ok(code) => code,
         Err(msg) => {
             eprintln!("llmproxyd: {msg}");
@@ -143,7 +119,7 @@ fn shard_count(cfg: &Config) -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
-pub fn serve(cfg: Config, addrs: Vec<std::net::SocketAddr>) -> Result<ExitCode, String> {
+pub fn serve(cfg: Config, egress: Egress) -> Result<ExitCode, String> {
     let signals = block_signals();
     let cfg = Arc::new(cfg);
     let shards = shard_count(&cfg);
@@ -173,8 +149,21 @@ pub fn serve(cfg: Config, addrs: Vec<std::net::SocketAddr>) -> Result<ExitCode, 
             listen = %f.listen,
             group = %cfg.groups[f.default_group].name,
             routes = f.routes.len(),
+            tls = f.tls.is_some(),
             "forward listening"
         );
+    }
+
+    for (g, via) in cfg.groups.iter().zip(&egress.group_via) {
+        if let Some(p) = egress.proxy(*via) {
+            tracing::info!(
+                group = %g.name,
+                proxy = %p.proxy.display_url,
+                address = %p.addr,
+                credentials = p.proxy.authorization.is_some(),
+                "upstreams reached through an outbound proxy"
+            );
+        }
     }
 
     let control = stats::spawn(cfg.clone(), 64.max(4 * shards), shards)
@@ -185,7 +174,7 @@ pub fn serve(cfg: Config, addrs: Vec<std::net::SocketAddr>) -> Result<ExitCode, 
     tracing::info!(listen = %admin.local_addr(), "admin listening");
     let shared = Arc::new(Shared {
         config: cfg.clone(),
-        addrs,
+        egress: Arc::new(egress),
         draining: AtomicBool::new(false),
         health: health.clone(),
         stats_tx: control.sender(),

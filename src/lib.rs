@@ -15,4 +15,5 @@ pub mod ratelimit;
 pub mod route;
 pub mod shard;
 pub mod stats;
+pub mod tls;
 pub mod upstream;

@@ -44,6 +44,12 @@ struct Cli {
     /// at its max_num_seqs.
     #[arg(long, default_value_t = 0)]
     max_concurrency: usize,
+    /// Serve HTTPS: PEM certificate chain (leaf first). Needs --tls-key.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<String>,
+    /// PEM private key for --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -69,6 +75,22 @@ fn main() -> ExitCode {
         eprintln!("llmproxy-mock: --error-status must be 0 or 100..=999");
         return ExitCode::from(2);
     }
+    let tls = match (&cli.tls_cert, &cli.tls_key) {
+        (Some(cert), Some(key)) => match llmproxy::tls::server_config(cert, key) {
+            Ok(c) => Some(c),
+            Err(errs) => {
+                for e in errs {
+                    eprintln!(
+                        "llmproxy-mock: --tls-{}: {}",
+                        if e.key == "key_file" { "key" } else { "cert" },
+                        e.message
+                    );
+                }
+                return ExitCode::from(2);
+            }
+        },
+        _ => None,
+    };
     let cfg = MockConfig {
         listen: cli.listen,
         threads: cli.threads.max(1),
@@ -79,6 +101,7 @@ fn main() -> ExitCode {
         error_rate,
         cut_after: cli.cut_after,
         max_concurrency: cli.max_concurrency,
+        tls,
     };
     match run(cfg) {
         Ok(()) => ExitCode::SUCCESS,

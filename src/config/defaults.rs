@@ -104,3 +104,6 @@ pub const TICK_RANGE: (u64, u64) = (5, 10_000);
 /// `runtime.shutdown_timeout` (s, 1–3600).
 pub const SHUTDOWN_TIMEOUT_S: u64 = 30;
 pub const SHUTDOWN_TIMEOUT_RANGE: (u64, u64) = (1, 3600);
+
+/// `upstreams[].tls.insecure_skip_verify`: certificates are checked unless switched off.
+pub const UPSTREAM_TLS_INSECURE_SKIP_VERIFY: bool = false;

@@ -3,6 +3,7 @@
 //! resolved to an index.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// The whole validated configuration.
@@ -41,6 +42,35 @@ pub struct Forward {
     pub max_body_bytes: u64,
     /// `limits.max_head_bytes` (default 64 KiB, 1 KiB – 1 MiB).
     pub max_head_bytes: usize,
+    /// `tls` when present: the listener speaks HTTPS.
+    pub tls: Option<ListenerTls>,
+}
+
+/// `forwards[].tls`: certificate chain and key, loaded and checked when the config is loaded.
+#[derive(Clone)]
+pub struct ListenerTls {
+    /// `cert_file`: PEM chain, leaf first.
+    pub cert_file: String,
+    /// `key_file`: PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: String,
+    /// Built once, shared by the shards.
+    pub config: Arc<rustls::ServerConfig>,
+}
+
+impl PartialEq for ListenerTls {
+    fn eq(&self, o: &Self) -> bool {
+        self.cert_file == o.cert_file && self.key_file == o.key_file
+    }
+}
+
+impl std::fmt::Debug for ListenerTls {
+    // The key material never reaches logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ListenerTls")
+            .field("cert_file", &self.cert_file)
+            .field("key_file", &self.key_file)
+            .finish()
+    }
 }
 
 /// Per-client-IP token bucket for a forward.
@@ -88,6 +118,40 @@ pub struct Upstream {
     pub breaker: Breaker,
     /// `ratelimit.per_second` (Go port), requests per second to this upstream; None = unlimited.
     pub ratelimit_per_second: Option<u32>,
+    /// How the upstream's certificate is checked: `Some` exactly for `https://` upstreams.
+    pub tls: Option<UpstreamTls>,
+}
+
+/// `upstreams[].tls` (defaults when absent) of an `https://` upstream.
+#[derive(Clone)]
+pub struct UpstreamTls {
+    /// `ca_file`: PEM bundle trusted instead of the default roots (Mozilla's plus the system's).
+    pub ca_file: Option<String>,
+    /// `insecure_skip_verify` (default false): accept any certificate.
+    pub insecure_skip_verify: bool,
+    /// SNI and the name the certificate must carry: the URL's host (an IP address is checked
+    /// against the certificate's IP entries and sends no SNI).
+    pub server_name: rustls::pki_types::ServerName<'static>,
+    /// Built once, shared by every upstream with the same settings and by the shards.
+    pub config: Arc<rustls::ClientConfig>,
+}
+
+impl PartialEq for UpstreamTls {
+    fn eq(&self, o: &Self) -> bool {
+        self.ca_file == o.ca_file
+            && self.insecure_skip_verify == o.insecure_skip_verify
+            && self.server_name == o.server_name
+    }
+}
+
+impl std::fmt::Debug for UpstreamTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamTls")
+            .field("ca_file", &self.ca_file)
+            .field("insecure_skip_verify", &self.insecure_skip_verify)
+            .field("server_name", &self.server_name)
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

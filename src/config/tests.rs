@@ -884,3 +884,87 @@ fn display_lists_every_error_with_its_path() {
         "{text}"
     );
 }
+
+#[test]
+fn https_upstreams_verify_by_default_and_share_one_client_config() {
+    let yaml = MINIMAL
+        .replace(
+            "url: http://127.0.0.1:8001/v1",
+            "url: https://api.example.com/v1\n  - name: v\n    url: https://[::1]:8443",
+        )
+        .replace("      - name: u", "      - name: u\n      - name: v");
+    let cfg = load(&yaml).unwrap();
+    let (u, v) = (&cfg.upstreams[0], &cfg.upstreams[1]);
+    let (tu, tv) = (u.tls.as_ref().unwrap(), v.tls.as_ref().unwrap());
+    assert!(!tu.insecure_skip_verify && tu.ca_file.is_none());
+    assert_eq!(tu.server_name.to_str(), "api.example.com");
+    // An IP literal is checked as an IP address (no brackets, no SNI).
+    assert!(matches!(
+        tv.server_name,
+        rustls::pki_types::ServerName::IpAddress(_)
+    ));
+    assert!(std::sync::Arc::ptr_eq(&tu.config, &tv.config));
+    assert_eq!(tu.config.alpn_protocols, vec![b"http/1.1".to_vec()]);
+    // Plain upstreams have none.
+    assert!(load(MINIMAL).unwrap().upstreams[0].tls.is_none());
+}
+
+#[test]
+fn tls_blocks_are_checked_with_their_paths() {
+    let yaml = MINIMAL
+        .replace(
+            "      upstream_group: g",
+            "      upstream_group: g\n      tls: {cert_file: \"\", keyfile: x}",
+        )
+        .replace(
+            "url: http://127.0.0.1:8001/v1",
+            "url: http://127.0.0.1:8001/v1\n    tls: {insecure_skip_verify: true}",
+        );
+    let errs = errors(&yaml);
+    assert!(
+        has_error(
+            &errs,
+            "http_server.forwards[0].tls.cert_file",
+            "must not be empty"
+        ),
+        "{errs:?}"
+    );
+    assert!(
+        has_error(
+            &errs,
+            "http_server.forwards[0].tls.key_file",
+            "missing required key"
+        ),
+        "{errs:?}"
+    );
+    assert!(
+        has_error(
+            &errs,
+            "http_server.forwards[0].tls.keyfile",
+            "did you mean `key_file`?"
+        ),
+        "{errs:?}"
+    );
+    assert!(
+        has_error(&errs, "upstreams[0].tls", "only to https://"),
+        "{errs:?}"
+    );
+
+    let yaml = MINIMAL.replace(
+        "url: http://127.0.0.1:8001/v1",
+        "url: https://127.0.0.1:8443\n    tls: {ca_file: /nonexistent/ca.pem, insecure_skip_verify: maybe}",
+    );
+    let errs = errors(&yaml);
+    assert!(
+        has_error(
+            &errs,
+            "upstreams[0].tls.ca_file",
+            "cannot read `/nonexistent/ca.pem`"
+        ),
+        "{errs:?}"
+    );
+    assert!(
+        has_error(&errs, "upstreams[0].tls.insecure_skip_verify", ""),
+        "{errs:?}"
+    );
+}

@@ -24,7 +24,9 @@ const FORWARD_KEYS: &[&str] = &[
     "timeout",
     "routing",
     "limits",
+    "tls",
 ];
+const FORWARD_TLS_KEYS: &[&str] = &["cert_file", "key_file"];
 const FORWARD_RATELIMIT_KEYS: &[&str] = &["enabled", "per_second", "burst"];
 const FORWARD_TIMEOUT_KEYS: &[&str] = &["connect", "idle"];
 const ROUTE_KEYS: &[&str] = &["path", "target_group"];
@@ -40,7 +42,9 @@ const UPSTREAM_KEYS: &[&str] = &[
     "breaker",
     "http_client",
     "ratelimit",
+    "tls",
 ];
+const UPSTREAM_TLS_KEYS: &[&str] = &["ca_file", "insecure_skip_verify"];
 const AUTH_KEYS: &[&str] = &["type", "token", "username", "password"];
 const HEADER_KEYS: &[&str] = &["op", "key", "value"];
 const BREAKER_KEYS: &[&str] = &[
@@ -79,6 +83,7 @@ pub(crate) const ALL_KEYS: &[&[&str]] = &[
     TOP_KEYS,
     HTTP_SERVER_KEYS,
     FORWARD_KEYS,
+    FORWARD_TLS_KEYS,
     FORWARD_RATELIMIT_KEYS,
     FORWARD_TIMEOUT_KEYS,
     ROUTE_KEYS,
@@ -86,6 +91,7 @@ pub(crate) const ALL_KEYS: &[&[&str]] = &[
     ADMIN_KEYS,
     ADMIN_TIMEOUT_KEYS,
     UPSTREAM_KEYS,
+    UPSTREAM_TLS_KEYS,
     AUTH_KEYS,
     HEADER_KEYS,
     BREAKER_KEYS,
@@ -179,7 +185,11 @@ pub(crate) fn build(root: &Value, ctx: &mut Ctx) -> Option<Config> {
         }
     };
 
-    let upstreams = list(ctx, &top, "upstreams", UPSTREAM_KEYS, upstream);
+    // Upstreams with the same TLS settings share one client config (and so its session cache).
+    let mut tls_configs = HashMap::new();
+    let upstreams = list(ctx, &top, "upstreams", UPSTREAM_KEYS, |ctx, o| {
+        upstream(ctx, o, &mut tls_configs)
+    });
     unique_names(ctx, &top, "upstreams", "upstream");
     let groups = list(ctx, &top, "upstream_groups", GROUP_KEYS, |ctx, o| {
         group(ctx, o, &upstream_names)
@@ -475,6 +485,10 @@ fn forward(
         )
     });
 
+    let tls = o
+        .obj(ctx, "tls", FORWARD_TLS_KEYS)
+        .and_then(|t| listener_tls(ctx, &t));
+
     Some(Forward {
         name: name?,
         listen,
@@ -485,6 +499,90 @@ fn forward(
         routes,
         max_body_bytes,
         max_head_bytes: max_head_bytes as usize,
+        tls,
+    })
+}
+
+/// `forwards[].tls`: both files are read and checked now, so `-t` reports a bad certificate.
+fn listener_tls(ctx: &mut Ctx, t: &Obj) -> Option<ListenerTls> {
+    let cert_file = t.req_str(ctx, "cert_file");
+    let key_file = t.req_str(ctx, "key_file");
+    let (cert_file, key_file) = (cert_file?, key_file?);
+    match crate::tls::server_config(&cert_file, &key_file) {
+        Ok(config) => Some(ListenerTls {
+            cert_file,
+            key_file,
+            config,
+        }),
+        Err(errs) => {
+            for e in errs {
+                let path = if e.key.is_empty() {
+                    t.path.clone()
+                } else {
+                    t.child(e.key)
+                };
+                ctx.error(&path, e.message);
+            }
+            None
+        }
+    }
+}
+
+/// Client TLS configs by (`ca_file`, `insecure_skip_verify`), built once per load.
+type TlsConfigs = HashMap<(Option<String>, bool), std::sync::Arc<rustls::ClientConfig>>;
+
+/// `upstreams[].tls` of an `https://` upstream (defaults when the block is absent).
+fn upstream_tls(
+    ctx: &mut Ctx,
+    t: Option<&Obj>,
+    host: &str,
+    url_path: &str,
+    configs: &mut TlsConfigs,
+) -> Option<UpstreamTls> {
+    let ca_file = t.and_then(|t| t.opt_str(ctx, "ca_file"));
+    if let (Some(t), Some(f)) = (t, &ca_file) {
+        if f.trim().is_empty() {
+            ctx.error(&t.child("ca_file"), "must not be empty");
+        }
+    }
+    let insecure_skip_verify = t.is_some_and(|t| {
+        t.bool(
+            ctx,
+            "insecure_skip_verify",
+            d::UPSTREAM_TLS_INSECURE_SKIP_VERIFY,
+        )
+    });
+    let server_name = match crate::tls::server_name(host) {
+        Ok(n) => Some(n),
+        Err(e) => {
+            ctx.error(url_path, e);
+            None
+        }
+    };
+    let key = (ca_file.clone(), insecure_skip_verify);
+    let config = match configs.get(&key) {
+        Some(c) => c.clone(),
+        None => match crate::tls::client_config(ca_file.as_deref(), insecure_skip_verify) {
+            Ok(c) => {
+                configs.insert(key, c.clone());
+                c
+            }
+            Err(e) => {
+                let path = match t {
+                    Some(t) if e.key.is_empty() => t.path.clone(),
+                    Some(t) => t.child(e.key),
+                    None => url_path.to_owned(),
+                };
+                ctx.error(&path, e.message);
+                return None;
+            }
+        },
+    };
+    Some(UpstreamTls {
+        ca_file,
+        insecure_skip_verify,
+        server_name: server_name?,
+        config,
     })
 }
 
@@ -506,7 +604,7 @@ fn admin_block(ctx: &mut Ctx, o: Option<&Obj>) -> Admin {
     }
 }
 
-fn upstream(ctx: &mut Ctx, o: &Obj) -> Option<Upstream> {
+fn upstream(ctx: &mut Ctx, o: &Obj, tls_configs: &mut TlsConfigs) -> Option<Upstream> {
     let name = o.req_str(ctx, "name");
     let raw_url = o.req_str(ctx, "url");
     let parsed = raw_url.as_ref().and_then(|u| match url::parse(u) {
@@ -649,7 +747,29 @@ fn upstream(ctx: &mut Ctx, o: &Obj) -> Option<Upstream> {
         .and_then(|r| r.opt_u64(ctx, "per_second", d::UPSTREAM_RATELIMIT_RANGE))
         .map(|n| n as u32);
 
+    let t = o.obj(ctx, "tls", UPSTREAM_TLS_KEYS);
+    let tls = match parsed.as_ref().map(|p| p.scheme) {
+        Some(Scheme::Https) => {
+            let host = parsed.as_ref().map_or("", |p| p.host.as_str());
+            upstream_tls(ctx, t.as_ref(), host, &o.child("url"), tls_configs)
+        }
+        Some(Scheme::Http) => {
+            if let Some(t) = &t {
+                // Meaningless on plain HTTP, and most likely a typo in the URL's scheme.
+                ctx.error(
+                    &t.path,
+                    "`tls` applies only to https:// upstreams (this url is http://)",
+                );
+            }
+            None
+        }
+        None => None,
+    };
+
     let parsed = parsed?;
+    if parsed.scheme == Scheme::Https && tls.is_none() {
+        return None;
+    }
     Some(Upstream {
         name: name?,
         url: raw_url?.trim().to_owned(),
@@ -662,6 +782,7 @@ fn upstream(ctx: &mut Ctx, o: &Obj) -> Option<Upstream> {
         headers,
         breaker,
         ratelimit_per_second,
+        tls,
     })
 }
 

@@ -184,11 +184,47 @@ pub mod errors {
         "upstream_unreachable",
         "could not connect to the upstream",
     );
-    pub const UPSTREAM_TLS_UNSUPPORTED: ErrorReply = ErrorReply::new(
+    pub const UPSTREAM_TLS_CERTIFICATE: ErrorReply = ErrorReply::new(
         502,
         "server_error",
-        "upstream_tls_unsupported",
-        "https upstreams are not supported by this version of llmproxy",
+        "upstream_tls_error",
+        "the upstream's TLS certificate was rejected (not trusted, expired, or not for this host)",
+    );
+    pub const UPSTREAM_TLS_HANDSHAKE: ErrorReply = ErrorReply::new(
+        502,
+        "server_error",
+        "upstream_tls_error",
+        "the TLS handshake with the upstream failed",
+    );
+    pub const PROXY_UNREACHABLE: ErrorReply = ErrorReply::new(
+        502,
+        "server_error",
+        "upstream_proxy_error",
+        "could not connect to the outbound proxy",
+    );
+    pub const PROXY_AUTH: ErrorReply = ErrorReply::new(
+        502,
+        "server_error",
+        "upstream_proxy_error",
+        "the outbound proxy requires authentication or rejected the credentials (407)",
+    );
+    pub const PROXY_FORBIDDEN: ErrorReply = ErrorReply::new(
+        502,
+        "server_error",
+        "upstream_proxy_error",
+        "the outbound proxy refused the tunnel to the upstream (403)",
+    );
+    pub const PROXY_REFUSED: ErrorReply = ErrorReply::new(
+        502,
+        "server_error",
+        "upstream_proxy_error",
+        "the outbound proxy could not open a tunnel to the upstream",
+    );
+    pub const PROXY_BAD_RESPONSE: ErrorReply = ErrorReply::new(
+        502,
+        "server_error",
+        "upstream_proxy_error",
+        "the outbound proxy sent an invalid answer to CONNECT",
     );
     pub const UPSTREAM_BAD_RESPONSE: ErrorReply = ErrorReply::new(
         502,

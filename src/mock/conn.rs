@@ -9,6 +9,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
+
+use crate::tls::stream::InboundConn;
 use serde_json::{json, Value};
 
 use super::http::{parse_head, BadRequest, BodyKind, ChunkedDecoder, Head, MAX_BODY};
@@ -32,7 +34,7 @@ impl Drop for OpenGuard {
 }
 
 /// Read more bytes, appending to `buf`.
-async fn read_more(stream: &mut TcpStream, mut buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
+async fn read_more(stream: &mut InboundConn, mut buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
     if buf.capacity() - buf.len() < 4096 {
         buf.reserve(16 * 1024);
     }
@@ -42,13 +44,13 @@ async fn read_more(stream: &mut TcpStream, mut buf: Vec<u8>) -> (io::Result<usiz
 }
 
 /// Write all of `buf`, then clear it (capacity is kept for reuse).
-async fn write_buf(stream: &mut TcpStream, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
+async fn write_buf(stream: &mut InboundConn, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
     let (res, mut buf) = stream.write_all(buf).await;
     buf.clear();
     (res.map(|_| ()), buf)
 }
 
-pub(crate) async fn serve(mut stream: TcpStream, shared: Arc<Shared>) {
+pub(crate) async fn serve(tcp: TcpStream, shared: Arc<Shared>) {
     shared
         .stats
         .connections_accepted
@@ -58,6 +60,21 @@ pub(crate) async fn serve(mut stream: TcpStream, shared: Arc<Shared>) {
         .connections_open
         .fetch_add(1, Ordering::Relaxed);
     let _guard = OpenGuard(shared.clone());
+    let mut stream = match &shared.cfg.tls {
+        None => InboundConn::Plain(tcp),
+        Some(cfg) => {
+            let acceptor = monoio_rustls::TlsAcceptor::from(cfg.clone());
+            let hs = InboundConn::accept_tls(&acceptor, tcp);
+            match monoio::time::timeout(Duration::from_secs(10), hs).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::debug!("mock: TLS handshake failed: {e}");
+                    return;
+                }
+                Err(_) => return,
+            }
+        }
+    };
     let mut rbuf: Vec<u8> = Vec::with_capacity(16 * 1024);
     let mut wbuf: Vec<u8> = Vec::with_capacity(16 * 1024);
     loop {
@@ -156,7 +173,7 @@ pub(crate) async fn serve(mut stream: TcpStream, shared: Arc<Shared>) {
 
 /// Half-close and drain what the client still sends (briefly), so the 400
 /// answer is not destroyed by a RST caused by unread input.
-async fn linger_close(stream: &mut TcpStream, mut buf: Vec<u8>) {
+async fn linger_close(stream: &mut InboundConn, mut buf: Vec<u8>) {
     use monoio::io::AsyncWriteRent;
     let _ = stream.shutdown().await;
     let deadline = monoio::time::Instant::now() + Duration::from_millis(500);
@@ -176,7 +193,7 @@ async fn linger_close(stream: &mut TcpStream, mut buf: Vec<u8>) {
     }
 }
 
-async fn bad_request(stream: &mut TcpStream, wbuf: Vec<u8>, shared: &Shared, bad: BadRequest) {
+async fn bad_request(stream: &mut InboundConn, wbuf: Vec<u8>, shared: &Shared, bad: BadRequest) {
     shared.stats.bad_requests.fetch_add(1, Ordering::Relaxed);
     let status = if bad.0 == "request body too large" {
         413
@@ -240,7 +257,7 @@ fn write_status_line(wbuf: &mut Vec<u8>, status: u16) {
 
 /// Write a complete JSON response with Content-Length (head + body, one write).
 async fn write_simple(
-    stream: &mut TcpStream,
+    stream: &mut InboundConn,
     mut wbuf: Vec<u8>,
     status: u16,
     body: &[u8],
@@ -398,7 +415,7 @@ enum Endpoint {
 }
 
 async fn handle(
-    stream: &mut TcpStream,
+    stream: &mut InboundConn,
     wbuf: Vec<u8>,
     shared: &Arc<Shared>,
     head: &Head,
@@ -546,7 +563,7 @@ async fn handle(
 }
 
 async fn not_found(
-    stream: &mut TcpStream,
+    stream: &mut InboundConn,
     wbuf: Vec<u8>,
     head: &Head,
     keep_alive: bool,
@@ -557,7 +574,7 @@ async fn not_found(
 }
 
 async fn method_not_allowed(
-    stream: &mut TcpStream,
+    stream: &mut InboundConn,
     wbuf: Vec<u8>,
     keep_alive: bool,
 ) -> (Next, Vec<u8>) {
@@ -761,7 +778,7 @@ fn push_chunk(out: &mut Vec<u8>, payload: &[u8]) {
 /// Sleep for `dur`, but return early with `true` if the client closed the
 /// connection (EOF or reset). Data sent by the client (pipelining) is left in
 /// the socket; after seeing it we just sleep the remainder.
-async fn wait_or_gone(stream: &TcpStream, dur: Duration) -> bool {
+async fn wait_or_gone(stream: &InboundConn, dur: Duration) -> bool {
     if dur.is_zero() {
         return false;
     }
@@ -773,7 +790,7 @@ async fn wait_or_gone(stream: &TcpStream, dur: Duration) -> bool {
         }
         monoio::select! {
             _ = monoio::time::sleep(deadline - now) => return false,
-            r = stream.readable(false) => {
+            r = readable(stream, deadline - now) => {
                 if r.is_err() {
                     return true;
                 }
@@ -793,13 +810,26 @@ async fn wait_or_gone(stream: &TcpStream, dur: Duration) -> bool {
     }
 }
 
+/// Waits until the socket may have something to read. A TLS stream hides its socket, so there
+/// the socket is peeked every few milliseconds instead; ciphertext (a close_notify included)
+/// counts as data, so over TLS a client that leaves is noticed by the next write or by its FIN.
+async fn readable(stream: &InboundConn, max: Duration) -> io::Result<()> {
+    match stream.as_plain() {
+        Some(tcp) => tcp.readable(false).await,
+        None => {
+            monoio::time::sleep(Duration::from_millis(5).min(max)).await;
+            Ok(())
+        }
+    }
+}
+
 enum PeekState {
     Gone,
     Data,
     Nothing,
 }
 
-fn peek_state(stream: &TcpStream) -> PeekState {
+fn peek_state(stream: &InboundConn) -> PeekState {
     let mut b = [0u8; 1];
     // SAFETY: valid fd owned by `stream`, 1-byte stack buffer.
     let n = unsafe {
@@ -835,7 +865,10 @@ impl Drop for GenerationSlot<'_> {
 
 /// Waits for a free generation slot (none needed without `--max-concurrency`); `None` when the
 /// client left while queued.
-async fn generation_slot<'a>(stream: &TcpStream, shared: &'a Shared) -> Option<GenerationSlot<'a>> {
+async fn generation_slot<'a>(
+    stream: &InboundConn,
+    shared: &'a Shared,
+) -> Option<GenerationSlot<'a>> {
     let max = shared.cfg.max_concurrency;
     if max == 0 {
         return Some(GenerationSlot(None));
@@ -871,7 +904,7 @@ fn record_abort(shared: &Shared) {
 /// is due (chunked/close framing); `length` framing builds the whole body.
 #[allow(clippy::too_many_arguments)]
 async fn stream_sse(
-    stream: &mut TcpStream,
+    stream: &mut InboundConn,
     mut wbuf: Vec<u8>,
     shared: &Shared,
     knobs: &Knobs,

@@ -25,6 +25,7 @@ use crate::http::respond::{encode_error, errors, ErrorReply};
 use crate::io::{cancelable_read_append, read_append};
 use crate::shard::signal::{race, Either};
 use crate::shard::ShardCtx;
+use crate::tls::stream::InboundConn;
 
 /// Why an exchange failed, and whose fault it was.
 pub enum Failure {
@@ -87,13 +88,13 @@ pub struct Downstream {
 
 /// The client's read half and the bytes read from it but not yet consumed.
 pub struct ClientIn {
-    pub r: OwnedReadHalf<TcpStream>,
+    pub r: OwnedReadHalf<InboundConn>,
     pub rbuf: BytesMut,
 }
 
 /// The client's write half and scratch buffers.
 pub struct ClientOut {
-    pub w: OwnedWriteHalf<TcpStream>,
+    pub w: OwnedWriteHalf<InboundConn>,
     /// Scratch for what goes to the client.
     pub wbuf: BytesMut,
     /// Scratch for what goes to the upstream.
@@ -114,7 +115,7 @@ pub enum ReadOutcome {
 }
 
 impl Downstream {
-    fn new(stream: TcpStream, peer: SocketAddr) -> Self {
+    fn new(stream: InboundConn, peer: SocketAddr) -> Self {
         let (r, w) = stream.into_split();
         Downstream {
             inp: ClientIn {
@@ -210,8 +211,28 @@ pub enum After {
 pub async fn serve_conn(ctx: Rc<ShardCtx>, fwd: usize, stream: TcpStream, peer: SocketAddr) {
     let _ = stream.set_nodelay(true);
     ctx.active.set(ctx.active.get() + 1);
-    let mut d = Downstream::new(stream, peer);
     let forward = &ctx.config.forwards[fwd];
+    let stream = match &ctx.acceptors[fwd] {
+        None => InboundConn::Plain(stream),
+        Some(acceptor) => {
+            // The handshake is part of delivering the first request head.
+            let hs = InboundConn::accept_tls(acceptor, stream);
+            match monoio::time::timeout(forward.header_timeout, hs).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::debug!(forward = %forward.name, peer = %peer, error = %e, "TLS handshake with a client failed");
+                    ctx.active.set(ctx.active.get() - 1);
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(forward = %forward.name, peer = %peer, "TLS handshake with a client timed out");
+                    ctx.active.set(ctx.active.get() - 1);
+                    return;
+                }
+            }
+        }
+    };
+    let mut d = Downstream::new(stream, peer);
     let mut scanner = HeadScanner::default();
     let mut first = true;
     loop {

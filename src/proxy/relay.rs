@@ -350,21 +350,34 @@ async fn attempt(
         head_after: None,
     };
 
-    let mut conn = match ctx.pool.take(uidx, client.pool_idle_timeout) {
+    let via = ctx.egress.group_via[group_idx];
+    let mut conn = match ctx.pool.take(uidx, via, client.pool_idle_timeout) {
         Some(c) => c,
-        None => match connect(ctx, uidx, group).await {
+        None => match connect(ctx, uidx, group_idx).await {
             Ok(c) => c,
             Err(f) => return failed(f, false),
         },
     };
     d.out.ubuf.clear();
     let peer_ip = d.out.peer_ip.clone();
+    // An http upstream behind an outbound proxy gets absolute-form requests sent to the proxy
+    // (an https one is reached through a CONNECT tunnel and sees ordinary requests).
+    let forward_proxy = ctx
+        .egress
+        .proxy(via)
+        .filter(|_| upstream.tls.is_none())
+        .map(|p| &p.proxy);
     let outgoing = Outgoing {
         upstream,
         agent: &ctx.agents[group_idx],
         client_ip: &peer_ip,
-        client_proto: "http",
+        client_proto: if ctx.config.forwards[fwd].tls.is_some() {
+            "https"
+        } else {
+            "http"
+        },
         framing: req.framing,
+        proxy: forward_proxy,
     };
     encode_request_head(&mut d.out.ubuf, &req.head, &outgoing);
     let idempotent = is_idempotent(&req.head);
@@ -418,6 +431,14 @@ async fn attempt(
                     }
                     continue;
                 }
+                // Only a proxy answers 407: the client cannot fix our proxy credentials.
+                Ok(Some(r)) if forward_proxy.is_some() && r.head.status.as_u16() == 407 => {
+                    tracing::warn!(upstream = %upstream.name, "the outbound proxy answered 407 (authentication required or rejected)");
+                    return Err(failed(
+                        Failure::Upstream(errors::PROXY_AUTH, UpstreamErrorKind::Connect),
+                        true,
+                    ));
+                }
                 Ok(Some(r)) => break r,
                 Ok(None) => {}
                 Err(_) => return Err(failed(Failure::bad_response(), true)),
@@ -436,7 +457,7 @@ async fn attempt(
                 ReadOutcome::Eof | ReadOutcome::Error(_) => {
                     if stale_replay && conn.rbuf.is_empty() {
                         stale_replay = false;
-                        conn = connect(ctx, uidx, group)
+                        conn = connect(ctx, uidx, group_idx)
                             .await
                             .map_err(|f| failed(f, true))?;
                         out.ubuf.clear();
@@ -498,7 +519,7 @@ async fn attempt(
     let result = match result {
         Ok((status, after, reusable, head_after)) => {
             if reusable {
-                ctx.pool.put(uidx, conn, client.pool_max_idle);
+                ctx.pool.put(uidx, via, conn, client.pool_max_idle);
             }
             match d.out.flush(ctx.config.forwards[fwd].idle_timeout).await {
                 Ok(()) => Attempt::Done(status, after, head_after),

@@ -15,7 +15,7 @@ use crate::http::body::{encode_chunk, BodyDecoder, BodyError, Framing, Step, LAS
 use crate::http::respond::errors;
 use crate::shard::ShardCtx;
 use crate::stats::UpstreamErrorKind;
-use crate::upstream::pool::ConnectError;
+use crate::upstream::connect::{open, ConnectError, ProxyFailure};
 use crate::upstream::UpConn;
 
 /// Flush the upstream-bound buffer once it holds this much.
@@ -100,36 +100,58 @@ pub enum SendError {
     Upstream,
 }
 
-/// Connects to upstream `uidx` (TCP, with the group's timeouts).
-pub async fn connect(ctx: &ShardCtx, uidx: usize, group: &Group) -> Result<UpConn, Failure> {
-    if ctx.config.upstreams[uidx].scheme == crate::config::Scheme::Https {
-        // Never send plaintext to a TLS port.
-        return Err(Failure::Upstream(
-            errors::UPSTREAM_TLS_UNSUPPORTED,
-            UpstreamErrorKind::Connect,
-        ));
-    }
-    let addr = ctx.addrs[uidx];
-    match UpConn::connect(
-        addr,
-        group.client.connect_timeout,
-        group.client.tcp_keepalive,
-    )
-    .await
-    {
-        Ok(c) => Ok(c),
-        Err(ConnectError::Timeout) => Err(Failure::Upstream(
-            errors::UPSTREAM_TIMEOUT,
-            UpstreamErrorKind::Connect,
-        )),
-        Err(ConnectError::Io(e)) => {
-            tracing::debug!(upstream = %ctx.config.upstreams[uidx].name, error = %e, "connect failed");
-            Err(Failure::Upstream(
-                errors::UPSTREAM_UNREACHABLE,
-                UpstreamErrorKind::Connect,
-            ))
+/// Connects to upstream `uidx` the way group `group_idx` reaches it (direct or through its
+/// outbound proxy; TLS for https), within the group's connect timeout. Every failure here is
+/// connect-class (nothing reached the upstream) and logged with its reason.
+pub async fn connect(ctx: &ShardCtx, uidx: usize, group_idx: usize) -> Result<UpConn, Failure> {
+    let group = &ctx.config.groups[group_idx];
+    let upstream = &ctx.config.upstreams[uidx];
+    let via = ctx.egress.group_via[group_idx];
+    let err = match open(&ctx.egress, uidx, upstream, via, &group.client).await {
+        Ok(c) => return Ok(c),
+        Err(e) => e,
+    };
+    let proxy = ctx.egress.proxy(via).map(|p| p.proxy.display_url.as_str());
+    let reply = match &err {
+        ConnectError::Timeout => errors::UPSTREAM_TIMEOUT,
+        ConnectError::Io(e) => {
+            tracing::debug!(upstream = %upstream.name, error = %e, "connect failed");
+            errors::UPSTREAM_UNREACHABLE
         }
-    }
+        ConnectError::Tls {
+            certificate,
+            reason,
+        } => {
+            tracing::warn!(upstream = %upstream.name, url = %upstream.url, reason = %reason, "TLS handshake with the upstream failed");
+            if *certificate {
+                errors::UPSTREAM_TLS_CERTIFICATE
+            } else {
+                errors::UPSTREAM_TLS_HANDSHAKE
+            }
+        }
+        ConnectError::Proxy(p) => {
+            let proxy = proxy.unwrap_or("");
+            match p {
+                ProxyFailure::Unreachable(e) => {
+                    tracing::warn!(upstream = %upstream.name, proxy, error = %e, "cannot connect to the outbound proxy");
+                    errors::PROXY_UNREACHABLE
+                }
+                ProxyFailure::Refused(status) => {
+                    tracing::warn!(upstream = %upstream.name, proxy, status, "the outbound proxy refused the CONNECT tunnel");
+                    match status {
+                        407 => errors::PROXY_AUTH,
+                        403 => errors::PROXY_FORBIDDEN,
+                        _ => errors::PROXY_REFUSED,
+                    }
+                }
+                ProxyFailure::BadResponse(why) => {
+                    tracing::warn!(upstream = %upstream.name, proxy, reason = why, "the outbound proxy's CONNECT answer was unusable");
+                    errors::PROXY_BAD_RESPONSE
+                }
+            }
+        }
+    };
+    Err(Failure::Upstream(reply, UpstreamErrorKind::Connect))
 }
 
 /// Writes `buf` to the upstream. The buffer keeps its contents.

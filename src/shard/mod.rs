@@ -7,7 +7,7 @@ pub mod listener;
 pub mod signal;
 
 use std::cell::Cell;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Once};
@@ -23,14 +23,15 @@ use crate::config::{Config, Driver};
 use crate::ratelimit::Limits;
 use crate::route::Router;
 use crate::stats::{ShardStats, StatsDelta};
+use crate::upstream::connect::Egress;
 use crate::upstream::Pool;
 use signal::DrainSignal;
 
 /// State shared by every shard and the process: read-mostly, set up before shards start.
 pub struct Shared {
     pub config: Arc<Config>,
-    /// One resolved address per upstream (resolved at startup).
-    pub addrs: Vec<SocketAddr>,
+    /// How each group reaches its upstreams (addresses resolved at startup, outbound proxies).
+    pub egress: Arc<Egress>,
     /// Set by the signal handler; shards notice it on their next housekeeping tick.
     pub draining: AtomicBool,
     /// What `/health` reports: shards up, draining.
@@ -47,7 +48,7 @@ pub struct Shared {
 pub struct ShardCtx {
     pub id: usize,
     pub config: Arc<Config>,
-    pub addrs: Vec<SocketAddr>,
+    pub egress: Arc<Egress>,
     pub pool: Pool,
     pub stats: Rc<ShardStats>,
     pub limits: Arc<Limits>,
@@ -66,6 +67,8 @@ pub struct ShardCtx {
     pub drain: DrainSignal,
     /// Open downstream connections.
     pub active: Cell<usize>,
+    /// Per forward: its TLS acceptor (a handle on the config built at load) when it speaks HTTPS.
+    pub acceptors: Vec<Option<monoio_rustls::TlsAcceptor>>,
 }
 
 impl ShardCtx {
@@ -74,7 +77,7 @@ impl ShardCtx {
         ShardCtx {
             id,
             limits: shared.limits.clone(),
-            pool: Pool::new(config.upstreams.len()),
+            pool: Pool::new(config.upstreams.len(), shared.egress.vias()),
             balancers: config.groups.iter().map(|g| Balancer::new(g, id)).collect(),
             in_flight: config.upstreams.iter().map(|_| Cell::new(0)).collect(),
             rng: Cell::new(
@@ -93,7 +96,7 @@ impl ShardCtx {
                         .unwrap_or_else(|_| HeaderValue::from_static("LLMProxy/1.0"))
                 })
                 .collect(),
-            addrs: shared.addrs.clone(),
+            egress: shared.egress.clone(),
             health: Rc::new(ShardHealth::new(
                 id,
                 &config,
@@ -103,6 +106,15 @@ impl ShardCtx {
             stats,
             drain: DrainSignal::default(),
             active: Cell::new(0),
+            acceptors: config
+                .forwards
+                .iter()
+                .map(|f| {
+                    f.tls
+                        .as_ref()
+                        .map(|t| monoio_rustls::TlsAcceptor::from(t.config.clone()))
+                })
+                .collect(),
             config,
         }
     }

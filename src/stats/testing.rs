@@ -26,6 +26,7 @@ fn upstream(name: &str, port: u16) -> Upstream {
             count_429: true,
         },
         ratelimit_per_second: None,
+        tls: None,
     }
 }
 
@@ -68,6 +69,7 @@ pub(crate) fn test_config() -> Config {
         routes: Vec::new(),
         max_body_bytes: 64 << 20,
         max_head_bytes: 64 << 10,
+        tls: None,
     };
     Config {
         forwards: vec![forward("chat", 3000), forward("embed", 3001)],

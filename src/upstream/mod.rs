@@ -1,5 +1,7 @@
-//! Upstream side (shard): the outgoing request head, and connections with their per-shard pool.
+//! Upstream side (shard): the outgoing request head, opening connections (TCP, proxy tunnel,
+//! TLS), and the per-shard keep-alive pool.
 
+pub mod connect;
 pub mod pool;
 pub mod request;
 

@@ -3,19 +3,19 @@
 
 use std::cell::RefCell;
 use std::io;
-use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use monoio::net::TcpStream;
+
+use crate::tls::stream::OutboundConn;
 
 /// Read buffer size for upstream connections.
 const READ_BUF: usize = 16 * 1024;
 
-/// One connection to an upstream, with its read buffer.
+/// One connection to an upstream (plain or TLS), with its read buffer.
 pub struct UpConn {
-    pub stream: TcpStream,
+    pub stream: OutboundConn,
     pub rbuf: BytesMut,
     /// When it went idle (meaningful only while pooled).
     idle_since: Instant,
@@ -24,27 +24,14 @@ pub struct UpConn {
 }
 
 impl UpConn {
-    /// Connects with a timeout, sets TCP_NODELAY and keepalive.
-    pub async fn connect(
-        addr: SocketAddr,
-        timeout: Duration,
-        tcp_keepalive: Option<Duration>,
-    ) -> Result<UpConn, ConnectError> {
-        let stream = match monoio::time::timeout(timeout, TcpStream::connect_addr(addr)).await {
-            Err(_) => return Err(ConnectError::Timeout),
-            Ok(Err(e)) => return Err(ConnectError::Io(e)),
-            Ok(Ok(s)) => s,
-        };
-        let _ = stream.set_nodelay(true);
-        if let Some(idle) = tcp_keepalive {
-            let _ = stream.set_tcp_keepalive(Some(idle), None, None);
-        }
-        Ok(UpConn {
+    /// A fresh connection (made by `connect::open`).
+    pub fn new(stream: OutboundConn) -> UpConn {
+        UpConn {
             stream,
             rbuf: BytesMut::with_capacity(READ_BUF),
             idle_since: Instant::now(),
             reused: false,
-        })
+        }
     }
 
     /// Makes room for the next read.
@@ -57,6 +44,11 @@ impl UpConn {
     /// True when the peer has not closed or written anything while the connection idled. A
     /// non-blocking peek: an upstream that closed its end (vLLM/uvicorn close idle connections
     /// after 5 s) is detected before a request is sent on it.
+    ///
+    /// Over TLS the peek sees ciphertext. Any byte there counts as "not alive" too: on an idle
+    /// TLS connection it is almost always the peer's close_notify before its FIN, and it could
+    /// also be a late session ticket or key update, which rustls would have to process first;
+    /// dropping the connection costs a handshake, never a failed request.
     fn looks_alive(&self) -> bool {
         let mut b = [0u8; 1];
         // SAFETY: a plain recv(2) into a local buffer on a socket we own; MSG_PEEK leaves the
@@ -77,30 +69,35 @@ impl UpConn {
     }
 }
 
-/// Why a connection could not be made.
-#[derive(Debug, thiserror::Error)]
-pub enum ConnectError {
-    #[error("connect timed out")]
-    Timeout,
-    #[error("connect failed: {0}")]
-    Io(io::Error),
-}
-
-/// Idle keep-alive connections per upstream, owned by one shard.
+/// Idle keep-alive connections per upstream and per way of reaching it (`via`: direct, or
+/// through one of the outbound proxies; a connection to a proxy must never carry a request
+/// meant to go direct, or the reverse), owned by one shard.
 pub struct Pool {
     idle: Vec<RefCell<Vec<UpConn>>>,
+    vias: usize,
 }
 
 impl Pool {
-    pub fn new(upstreams: usize) -> Self {
+    pub fn new(upstreams: usize, vias: usize) -> Self {
+        let vias = vias.max(1);
         Pool {
-            idle: (0..upstreams).map(|_| RefCell::new(Vec::new())).collect(),
+            idle: (0..upstreams * vias)
+                .map(|_| RefCell::new(Vec::new()))
+                .collect(),
+            vias,
         }
     }
 
-    /// The most recently used live idle connection to `upstream`, if any.
-    pub fn take(&self, upstream: usize, idle_timeout: Duration) -> Option<UpConn> {
-        let mut list = self.idle.get(upstream)?.borrow_mut();
+    fn slot(&self, upstream: usize, via: usize) -> Option<&RefCell<Vec<UpConn>>> {
+        if via >= self.vias {
+            return None;
+        }
+        self.idle.get(upstream * self.vias + via)
+    }
+
+    /// The most recently used live idle connection to `upstream` made through `via`, if any.
+    pub fn take(&self, upstream: usize, via: usize, idle_timeout: Duration) -> Option<UpConn> {
+        let mut list = self.slot(upstream, via)?.borrow_mut();
         let now = Instant::now();
         while let Some(mut c) = list.pop() {
             if now.duration_since(c.idle_since) < idle_timeout && c.looks_alive() {
@@ -116,23 +113,23 @@ impl Pool {
     }
 
     /// Returns a connection whose last exchange ended cleanly.
-    pub fn put(&self, upstream: usize, mut conn: UpConn, max_idle: usize) {
-        let Some(list) = self.idle.get(upstream) else {
+    pub fn put(&self, upstream: usize, via: usize, mut conn: UpConn, max_idle: usize) {
+        let Some(list) = self.slot(upstream, via) else {
             return;
         };
         let mut list = list.borrow_mut();
-        if list.len() >= max_idle || !conn.rbuf.is_empty() {
+        if list.len() >= max_idle || !conn.rbuf.is_empty() || !conn.stream.is_sound() {
             return;
         }
         conn.idle_since = Instant::now();
         list.push(conn);
     }
 
-    /// Drops idle connections older than their timeout (called on the shard's tick).
+    /// Drops idle connections older than their upstream's timeout (called on the shard's tick).
     pub fn sweep(&self, idle_timeout: impl Fn(usize) -> Duration) {
         let now = Instant::now();
         for (i, list) in self.idle.iter().enumerate() {
-            let limit = idle_timeout(i);
+            let limit = idle_timeout(i / self.vias);
             list.borrow_mut()
                 .retain(|c| now.duration_since(c.idle_since) < limit);
         }
@@ -145,7 +142,11 @@ impl Pool {
         }
     }
 
+    /// Idle connections to `upstream`, however they were made.
     pub fn idle_count(&self, upstream: usize) -> usize {
-        self.idle.get(upstream).map_or(0, |l| l.borrow().len())
+        (0..self.vias)
+            .filter_map(|via| self.slot(upstream, via))
+            .map(|l| l.borrow().len())
+            .sum()
     }
 }

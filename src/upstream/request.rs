@@ -6,7 +6,7 @@ use bytes::BytesMut;
 use http::header::{AUTHORIZATION, HOST, USER_AGENT};
 use http::{HeaderName, HeaderValue};
 
-use crate::config::{Auth, HeaderOp, Upstream};
+use crate::config::{Auth, HeaderOp, Proxy, Upstream};
 use crate::http::body::Framing;
 use crate::http::head::{connection_listed, is_hop_by_hop};
 
@@ -39,6 +39,9 @@ pub struct Outgoing<'a> {
     /// `http` or `https`: how the client reached us.
     pub client_proto: &'static str,
     pub framing: Framing,
+    /// The outbound proxy this request is sent to (http upstreams only): the request line
+    /// takes the absolute form and `Proxy-Authorization` is added when it has credentials.
+    pub proxy: Option<&'a Proxy>,
 }
 
 /// Appends the request head sent to the upstream.
@@ -51,6 +54,10 @@ pub fn encode_request_head(out: &mut BytesMut, req: &http::request::Parts, o: &O
         .path_and_query()
         .map(|pq| pq.as_str())
         .unwrap_or("/");
+    if o.proxy.is_some() {
+        out.extend_from_slice(b"http://");
+        out.extend_from_slice(o.upstream.host_header.as_bytes());
+    }
     join_path(&o.upstream.base_path, pq, out);
     out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
     out.extend_from_slice(o.upstream.host_header.as_bytes());
@@ -105,6 +112,9 @@ pub fn encode_request_head(out: &mut BytesMut, req: &http::request::Parts, o: &O
             out.extend_from_slice(b"\r\n");
         }
         Auth::Basic { header_value } => put(out, "authorization", header_value.as_bytes()),
+    }
+    if let Some(auth) = o.proxy.and_then(|p| p.authorization.as_deref()) {
+        put(out, "proxy-authorization", auth.as_bytes());
     }
     for op in ops {
         match op {
@@ -164,6 +174,51 @@ impl HeaderOp {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn through_a_proxy_the_request_line_is_absolute_and_carries_proxy_auth() {
+        let cfg = crate::config::load_str(
+            "http_server:\n  forwards:\n    - {name: f, upstream_group: g}\nupstreams:\n  - {name: u, url: \"http://api.internal:8080/v1\"}\nupstream_groups:\n  - name: g\n    upstreams: [{name: u}]\n    http_client:\n      proxy: {url: \"http://me:pw@proxy:3128\"}\n",
+        )
+        .unwrap();
+        let proxy = cfg.groups[0].client.proxy.as_ref().unwrap();
+        let (head, _) = http::Request::builder()
+            .method("POST")
+            .uri("/v1/chat/completions?x=1")
+            .header("proxy-authorization", "Basic client-sent")
+            .body(())
+            .unwrap()
+            .into_parts();
+        let agent = HeaderValue::from_static("a");
+        let mut o = Outgoing {
+            upstream: &cfg.upstreams[0],
+            agent: &agent,
+            client_ip: "192.0.2.1",
+            client_proto: "http",
+            framing: Framing::Empty,
+            proxy: Some(proxy),
+        };
+        let mut out = BytesMut::new();
+        encode_request_head(&mut out, &head, &o);
+        let text = String::from_utf8(out.to_vec()).unwrap();
+        assert!(
+            text.starts_with("POST http://api.internal:8080/v1/chat/completions?x=1 HTTP/1.1\r\n"),
+            "{text}"
+        );
+        // Ours, once; the client's never.
+        assert_eq!(text.matches("proxy-authorization: ").count(), 1, "{text}");
+        assert!(
+            text.contains("proxy-authorization: Basic bWU6cHc=\r\n"),
+            "{text}"
+        );
+
+        o.proxy = None;
+        out.clear();
+        encode_request_head(&mut out, &head, &o);
+        let text = String::from_utf8(out.to_vec()).unwrap();
+        assert!(text.starts_with("POST /v1/chat/completions?x=1 HTTP/1.1\r\n"));
+        assert!(!text.contains("proxy-authorization"), "{text}");
+    }
 
     fn join(base: &str, pq: &str) -> String {
         let mut out = BytesMut::new();

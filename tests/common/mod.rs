@@ -2,6 +2,9 @@
 //! raw HTTP/1.1 to them.
 #![allow(dead_code)]
 
+pub mod forward_proxy;
+pub mod tls;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
@@ -24,6 +27,8 @@ pub fn free_port() -> u16 {
 pub struct Mock {
     child: Child,
     pub addr: SocketAddr,
+    /// How to reach it when it serves HTTPS.
+    tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
 impl Mock {
@@ -56,7 +61,20 @@ impl Mock {
             .next()
             .and_then(|a| a.parse().ok())
             .unwrap_or_else(|| panic!("mock said {line:?}"));
-        Mock { child, addr }
+        Mock {
+            child,
+            addr,
+            tls: None,
+        }
+    }
+
+    /// Starts the mock serving HTTPS with `pki`'s certificate.
+    pub fn start_tls(args: &[&str], pki: &tls::Pki) -> Mock {
+        let mut all = vec!["--tls-cert", &pki.cert_file, "--tls-key", &pki.key_file];
+        all.extend_from_slice(args);
+        let mut m = Mock::start(&all);
+        m.tls = Some(pki.client_config());
+        m
     }
 
     pub fn port(&self) -> u16 {
@@ -65,7 +83,11 @@ impl Mock {
 
     /// `/_mock/stats` as JSON.
     pub fn stats(&self) -> serde_json::Value {
-        let r = request(self.port(), "GET", "/_mock/stats", &[], b"");
+        let mut c = match &self.tls {
+            None => Client::connect(self.port()),
+            Some(cfg) => Client::connect_tls(self.port(), cfg.clone()),
+        };
+        let r = c.request("GET", "/_mock/stats", &[], b"");
         serde_json::from_slice(&r.body).expect("stats json")
     }
 
@@ -320,10 +342,11 @@ impl Response {
     }
 }
 
-/// A raw client connection.
+/// A raw client connection (plain, or TLS when made by [`Client::connect_tls`]).
 pub struct Client {
     pub stream: TcpStream,
     buf: Vec<u8>,
+    tls: Option<Box<rustls::ClientConnection>>,
 }
 
 impl Client {
@@ -336,21 +359,63 @@ impl Client {
         Client {
             stream,
             buf: Vec::new(),
+            tls: None,
+        }
+    }
+
+    /// A TLS connection to 127.0.0.1:`port` with `cfg` (the handshake runs with the first IO).
+    pub fn connect_tls(port: u16, cfg: std::sync::Arc<rustls::ClientConfig>) -> Client {
+        let mut c = Client::connect(port);
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        c.tls = Some(Box::new(rustls::ClientConnection::new(cfg, name).unwrap()));
+        c
+    }
+
+    fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        match &mut self.tls {
+            None => self.stream.write_all(bytes),
+            Some(t) => {
+                let mut s = rustls::Stream::new(&mut **t, &mut self.stream);
+                s.write_all(bytes)?;
+                s.flush()
+            }
         }
     }
 
     pub fn send(&mut self, bytes: &[u8]) {
-        self.stream.write_all(bytes).expect("send");
+        self.write_all(bytes).expect("send");
     }
 
     /// Like [`Client::send`], but a server that already closed is not a failure.
     pub fn try_send(&mut self, bytes: &[u8]) -> bool {
-        self.stream.write_all(bytes).is_ok()
+        self.write_all(bytes).is_ok()
     }
 
-    /// Half-closes the connection: the server reads EOF after what was sent.
+    /// Half-closes the connection: the server reads EOF after what was sent (over TLS after a
+    /// close_notify).
     pub fn shutdown_write(&mut self) {
+        if let Some(t) = &mut self.tls {
+            t.send_close_notify();
+            let _ = t.complete_io(&mut self.stream);
+        }
         let _ = self.stream.shutdown(std::net::Shutdown::Write);
+    }
+
+    /// Reads what arrives next (decrypted over TLS); Ok(0) at EOF, including a TLS peer that
+    /// closed without close_notify.
+    pub fn read_some(&mut self, tmp: &mut [u8]) -> std::io::Result<usize> {
+        match &mut self.tls {
+            None => self.stream.read(tmp),
+            Some(t) => match rustls::Stream::new(&mut **t, &mut self.stream).read(tmp) {
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(0),
+                r => r,
+            },
+        }
+    }
+
+    /// The ALPN protocol the server chose (TLS only).
+    pub fn alpn(&self) -> Option<Vec<u8>> {
+        self.tls.as_ref()?.alpn_protocol().map(|p| p.to_vec())
     }
 
     /// Sets how long a single read waits (10 s unless changed).
@@ -361,7 +426,7 @@ impl Client {
     /// Reads more bytes; Ok(0) at EOF.
     fn fill(&mut self) -> std::io::Result<usize> {
         let mut tmp = [0u8; 16384];
-        let n = self.stream.read(&mut tmp)?;
+        let n = self.read_some(&mut tmp)?;
         self.buf.extend_from_slice(&tmp[..n]);
         Ok(n)
     }

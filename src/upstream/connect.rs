@@ -1,0 +1,300 @@
+//! Opening upstream connections (shard): TCP to the upstream or to the group's outbound proxy, a
+//! `CONNECT` tunnel through that proxy for an https upstream, then the TLS handshake, all within
+//! the group's `timeout.connect`. [`Egress`], built at startup, says how each group reaches its
+//! members.
+//!
+//! Through a proxy, an http upstream is not tunnelled: its requests go to the proxy in absolute
+//! form (`POST http://host/path`) with `Proxy-Authorization` (see `request.rs`). The proxy's
+//! credentials are only ever written to the proxy connection, never logged.
+
+use std::io;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::time::Duration;
+
+use monoio::io::AsyncWriteRentExt;
+use monoio::net::TcpStream;
+
+use super::pool::UpConn;
+use crate::config::{Config, HttpClient, Proxy, Upstream};
+use crate::io::read_append;
+use crate::tls::stream::{Conn, OutboundConn};
+
+/// Largest `CONNECT` response head accepted from a proxy.
+const MAX_CONNECT_HEAD: usize = 16 * 1024;
+
+/// An outbound proxy and its address, resolved at startup.
+#[derive(Debug, Clone)]
+pub struct OutboundProxy {
+    pub addr: SocketAddr,
+    pub proxy: Proxy,
+}
+
+/// How connections leave the process (built at startup, read-only on the shards).
+#[derive(Debug, Clone, Default)]
+pub struct Egress {
+    /// Per upstream: its address, resolved at startup; `None` when only proxies reach it (the
+    /// proxy resolves the name then).
+    pub upstream_addrs: Vec<Option<SocketAddr>>,
+    /// The distinct outbound proxies.
+    pub proxies: Vec<OutboundProxy>,
+    /// Per group: 0 = direct, `n` = through `proxies[n - 1]`.
+    pub group_via: Vec<usize>,
+}
+
+impl Egress {
+    /// Resolves every address once (a shard never blocks on DNS). An upstream that every group
+    /// reaches through a proxy is not resolved here.
+    pub fn resolve(cfg: &Config) -> Result<Egress, String> {
+        let mut proxies: Vec<OutboundProxy> = Vec::new();
+        let mut group_via = Vec::with_capacity(cfg.groups.len());
+        for (gi, g) in cfg.groups.iter().enumerate() {
+            let Some(p) = &g.client.proxy else {
+                group_via.push(0);
+                continue;
+            };
+            let same = |o: &OutboundProxy| {
+                o.proxy.host == p.host
+                    && o.proxy.port == p.port
+                    && o.proxy.authorization == p.authorization
+            };
+            if let Some(i) = proxies.iter().position(same) {
+                group_via.push(i + 1);
+                continue;
+            }
+            let addr = resolve_one(&p.host, p.port).map_err(|e| {
+                format!(
+                    "upstream_groups[{gi}].http_client.proxy ({}): {e}",
+                    p.display_url
+                )
+            })?;
+            proxies.push(OutboundProxy {
+                addr,
+                proxy: p.clone(),
+            });
+            group_via.push(proxies.len());
+        }
+        let upstream_addrs = cfg
+            .upstreams
+            .iter()
+            .enumerate()
+            .map(|(i, u)| {
+                let mut groups = cfg
+                    .groups
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, g)| g.members.iter().any(|m| m.upstream == i))
+                    .peekable();
+                let proxied_only =
+                    groups.peek().is_some() && groups.all(|(gi, _)| group_via[gi] != 0);
+                if proxied_only {
+                    return Ok(None);
+                }
+                resolve_one(&u.host, u.port)
+                    .map(Some)
+                    .map_err(|e| format!("upstreams[{i}] ({}): {e}", u.name))
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        Ok(Egress {
+            upstream_addrs,
+            proxies,
+            group_via,
+        })
+    }
+
+    /// How many ways there are to reach an upstream (direct plus one per proxy): the pool keeps
+    /// connections made one way apart from those made another.
+    pub fn vias(&self) -> usize {
+        self.proxies.len() + 1
+    }
+
+    /// The proxy behind `via`, if any.
+    pub fn proxy(&self, via: usize) -> Option<&OutboundProxy> {
+        via.checked_sub(1).and_then(|i| self.proxies.get(i))
+    }
+}
+
+fn resolve_one(host: &str, port: u16) -> Result<SocketAddr, String> {
+    (host, port)
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve {host}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{host} has no address"))
+}
+
+/// Why an outbound proxy did not give us a connection.
+#[derive(Debug)]
+pub enum ProxyFailure {
+    /// TCP connect to the proxy failed.
+    Unreachable(io::Error),
+    /// The proxy answered `CONNECT` with this non-2xx status.
+    Refused(u16),
+    /// The proxy's answer to `CONNECT` was not HTTP, too large, or it closed.
+    BadResponse(&'static str),
+}
+
+/// Why a connection could not be made.
+#[derive(Debug)]
+pub enum ConnectError {
+    /// Not done within `timeout.connect` (TCP, tunnel and handshake together).
+    Timeout,
+    /// TCP connect to the upstream failed.
+    Io(io::Error),
+    /// The TLS handshake failed; `certificate`: because the upstream's certificate was
+    /// rejected (untrusted, expired, another name).
+    Tls { certificate: bool, reason: String },
+    /// The outbound proxy failed.
+    Proxy(ProxyFailure),
+}
+
+/// Opens a connection to upstream `up` the way `via` says, within `client.connect_timeout`.
+pub async fn open(
+    egress: &Egress,
+    uidx: usize,
+    up: &Upstream,
+    via: usize,
+    client: &HttpClient,
+) -> Result<UpConn, ConnectError> {
+    monoio::time::timeout(
+        client.connect_timeout,
+        open_inner(egress, uidx, up, via, client),
+    )
+    .await
+    .unwrap_or(Err(ConnectError::Timeout))
+}
+
+async fn open_inner(
+    egress: &Egress,
+    uidx: usize,
+    up: &Upstream,
+    via: usize,
+    client: &HttpClient,
+) -> Result<UpConn, ConnectError> {
+    let proxy = egress.proxy(via);
+    let tcp = match proxy {
+        Some(p) => tcp_connect(p.addr, client.tcp_keepalive)
+            .await
+            .map_err(|e| ConnectError::Proxy(ProxyFailure::Unreachable(e)))?,
+        None => {
+            let Some(addr) = egress.upstream_addrs.get(uidx).copied().flatten() else {
+                return Err(ConnectError::Io(io::Error::new(
+                    io::ErrorKind::AddrNotAvailable,
+                    "upstream address not resolved",
+                )));
+            };
+            tcp_connect(addr, client.tcp_keepalive)
+                .await
+                .map_err(ConnectError::Io)?
+        }
+    };
+    let Some(tls) = &up.tls else {
+        return Ok(UpConn::new(Conn::Plain(tcp)));
+    };
+    let mut tcp = tcp;
+    if let Some(p) = proxy {
+        tunnel(&mut tcp, up, &p.proxy)
+            .await
+            .map_err(ConnectError::Proxy)?;
+    }
+    let connector = monoio_rustls::TlsConnector::from(tls.config.clone());
+    match OutboundConn::connect_tls(&connector, tls.server_name.clone(), tcp).await {
+        Ok(c) => Ok(UpConn::new(c)),
+        Err(e) => {
+            let e = io::Error::from(e);
+            let certificate = matches!(
+                crate::tls::rustls_error(&e),
+                Some(rustls::Error::InvalidCertificate(_))
+            );
+            let reason = match crate::tls::rustls_error(&e) {
+                Some(r) => r.to_string(),
+                None => e.to_string(),
+            };
+            Err(ConnectError::Tls {
+                certificate,
+                reason,
+            })
+        }
+    }
+}
+
+async fn tcp_connect(addr: SocketAddr, keepalive: Option<Duration>) -> io::Result<TcpStream> {
+    let stream = TcpStream::connect_addr(addr).await?;
+    let _ = stream.set_nodelay(true);
+    if let Some(idle) = keepalive {
+        let _ = stream.set_tcp_keepalive(Some(idle), None, None);
+    }
+    Ok(stream)
+}
+
+/// `host:port` as a `CONNECT` target (IPv6 literals bracketed).
+fn authority(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+/// Asks the proxy for a tunnel to the upstream; on success the stream is the tunnel.
+async fn tunnel(tcp: &mut TcpStream, up: &Upstream, proxy: &Proxy) -> Result<(), ProxyFailure> {
+    let target = authority(&up.host, up.port);
+    let mut req = format!("CONNECT {target} HTTP/1.1\r\nhost: {target}\r\n");
+    if let Some(auth) = &proxy.authorization {
+        req.push_str("proxy-authorization: ");
+        req.push_str(auth);
+        req.push_str("\r\n");
+    }
+    req.push_str("\r\n");
+    let (res, _) = tcp.write_all(req.into_bytes()).await;
+    res.map_err(|_| ProxyFailure::BadResponse("the proxy closed the connection"))?;
+
+    let mut buf = bytes::BytesMut::with_capacity(4096);
+    loop {
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut resp = httparse::Response::new(&mut headers);
+        match resp.parse(&buf) {
+            Ok(httparse::Status::Complete(n)) => {
+                let status = resp.code.unwrap_or(0);
+                if !(200..300).contains(&status) {
+                    return Err(ProxyFailure::Refused(status));
+                }
+                if n != buf.len() {
+                    // The upstream speaks only after our ClientHello: bytes here are not TLS.
+                    return Err(ProxyFailure::BadResponse(
+                        "the proxy sent data after its CONNECT answer",
+                    ));
+                }
+                return Ok(());
+            }
+            Ok(httparse::Status::Partial) => {}
+            Err(_) => return Err(ProxyFailure::BadResponse("not an HTTP answer")),
+        }
+        if buf.len() >= MAX_CONNECT_HEAD {
+            return Err(ProxyFailure::BadResponse("CONNECT answer head too large"));
+        }
+        if buf.capacity() - buf.len() < 1024 {
+            buf.reserve(4096);
+        }
+        let (res, b) = read_append(tcp, buf).await;
+        buf = b;
+        match res {
+            Ok(0) | Err(_) => {
+                return Err(ProxyFailure::BadResponse(
+                    "the proxy closed the connection during CONNECT",
+                ))
+            }
+            Ok(_) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connect_targets_bracket_ipv6() {
+        assert_eq!(authority("api.example.com", 443), "api.example.com:443");
+        assert_eq!(authority("10.0.0.1", 8443), "10.0.0.1:8443");
+        assert_eq!(authority("::1", 443), "[::1]:443");
+    }
+}
