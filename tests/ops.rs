@@ -1,10 +1,11 @@
 //! What an operator meets in production that the config reference is silent on: the open-file
-//! limit a service manager hands us.
+//! limit a service manager hands us, log levels spelled the way other tools spell them.
 
 mod common;
 
 use std::io::Write;
 use std::os::unix::process::CommandExt;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -116,4 +117,58 @@ fn read_head(c: &mut Client) -> Option<String> {
         }
     }
     Some(String::from_utf8_lossy(&head).into_owned())
+}
+
+fn run(args: &[&str]) -> (i32, String) {
+    let out = Command::new(PROXY_BIN).args(args).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn log_levels_are_checked_and_warning_means_warn() {
+    // `warning` (syslog's and Python's spelling) used to be taken as a filter for a target named
+    // "warning", which silenced every log line, errors included.
+    let mock = Mock::start(&[]);
+    let mut proxy = Proxy::start(
+        &config(mock.port(), "", "", ""),
+        &["--log-level", "warning"],
+    );
+    // A live stream keeps the drain going, so the second signal finds the process still up.
+    let body = br#"{"model":"m","stream":true,"messages":[]}"#;
+    let mut stream = Client::connect(proxy.port);
+    stream.send(
+        format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\nx-mock-tokens: 20\r\nx-mock-gap-ms: 500\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    );
+    stream.send(body);
+    assert!(read_head(&mut stream).is_some_and(|h| h.starts_with("HTTP/1.1 200")));
+    proxy.signal(libc::SIGTERM);
+    std::thread::sleep(Duration::from_millis(200));
+    proxy.signal(libc::SIGINT);
+    assert!(proxy.wait_exit(Duration::from_secs(10)).is_some());
+    let log = proxy.log_text();
+    assert!(
+        log.contains("second signal"),
+        "--log-level warning hid a warning: {log:?}"
+    );
+    assert!(
+        !log.contains("llmproxyd started"),
+        "info shown at warning: {log}"
+    );
+
+    for bad in ["verbose", "warnings", "loud"] {
+        let (code, err) = run(&["-t", "--log-level", bad]);
+        assert_eq!(code, 2, "--log-level {bad} was accepted: {err}");
+        assert!(err.contains("--log-level"), "{err}");
+    }
+    for good in ["WARN", "off", "llmproxy=debug,warn"] {
+        let (code, err) = run(&["-t", "--log-level", good]);
+        assert_eq!(code, 0, "--log-level {good}: {err}");
+    }
 }
