@@ -89,24 +89,35 @@ fn raise_open_file_limit() {
     );
 }
 
-/// Resolves every upstream host once at startup (a shard never blocks on DNS).
+/// Resolves every upstream host once at startup (a shard never blocks on DNS). Every host that
+/// does not resolve is reported, each at its YAML path.
 fn resolve_upstreams(cfg: &Config) -> Result<Vec<std::net::SocketAddr>, String> {
-    cfg.upstreams
-        .iter()
-        .enumerate()
-        .map(|(i, u)| {
-            (u.host.as_str(), u.port)
-                .to_socket_addrs()
-                .map_err(|e| {
-                    format!(
-                        "upstreams[{i}] ({}): cannot resolve {}: {e}",
-                        u.name, u.host
-                    )
-                })?
-                .next()
-                .ok_or_else(|| format!("upstreams[{i}] ({}): {} has no address", u.name, u.host))
-        })
-        .collect()
+    let mut addrs = Vec::with_capacity(cfg.upstreams.len());
+    let mut errors = Vec::new();
+    for (i, u) in cfg.upstreams.iter().enumerate() {
+        match (u.host.as_str(), u.port).to_socket_addrs() {
+            Ok(mut found) => match found.next() {
+                Some(a) => addrs.push(a),
+                None => errors.push(format!(
+                    "upstreams[{i}].url: host `{}` has no address (upstream {})",
+                    u.host, u.name
+                )),
+            },
+            Err(e) => errors.push(format!(
+                "upstreams[{i}].url: cannot resolve host `{}` (upstream {}): {e}",
+                u.host, u.name
+            )),
+        }
+    }
+    if errors.is_empty() {
+        return Ok(addrs);
+    }
+    let n = errors.len();
+    Err(format!(
+        "{n} upstream host{} did not resolve:\n{}",
+        if n == 1 { "" } else { "s" },
+        errors.join("\n")
+    ))
 }
 
 /// Warns about configured features this build does not enforce yet, so a config that loads is
