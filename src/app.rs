@@ -96,7 +96,7 @@ fn resolve_upstreams(cfg: &Config) -> Result<Vec<std::net::SocketAddr>, String> 
     let mut errors = Vec::new();
     for (i, u) in cfg.upstreams.iter().enumerate() {
         match (u.host.as_str(), u.port).to_socket_addrs() {
-            Ok(mut found) => match found.next() {
+            Ok(found) => match preferred_address(found) {
                 Some(a) => addrs.push(a),
                 None => errors.push(format!(
                     "upstreams[{i}].url: host `{}` has no address (upstream {})",
@@ -118,6 +118,23 @@ fn resolve_upstreams(cfg: &Config) -> Result<Vec<std::net::SocketAddr>, String> 
         if n == 1 { "" } else { "s" },
         errors.join("\n")
     ))
+}
+
+/// The address used for a resolved name: the first IPv4 one when there is one (Envoy's
+/// `V4_PREFERRED`), else the first. The resolver lists `::1` before `127.0.0.1` for `localhost`
+/// where /etc/hosts maps both, and local model servers (vLLM, Ollama) usually listen on IPv4
+/// only.
+fn preferred_address(
+    found: impl IntoIterator<Item = std::net::SocketAddr>,
+) -> Option<std::net::SocketAddr> {
+    let mut first = None;
+    for a in found {
+        if a.is_ipv4() {
+            return Some(a);
+        }
+        first = first.or(Some(a));
+    }
+    first
 }
 
 /// Warns about configured features this build does not enforce yet, so a config that loads is
@@ -328,4 +345,21 @@ fn block_signals() -> crossbeam::channel::Receiver<i32> {
         })
         .expect("spawn signal thread");
     rx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::preferred_address;
+    use std::net::SocketAddr;
+
+    #[test]
+    fn ipv4_is_preferred_when_a_name_has_both_families() {
+        let v6: SocketAddr = "[::1]:8000".parse().unwrap();
+        let v4: SocketAddr = "127.0.0.1:8000".parse().unwrap();
+        let v6b: SocketAddr = "[2001:db8::1]:8000".parse().unwrap();
+        assert_eq!(preferred_address([v6, v4]), Some(v4));
+        assert_eq!(preferred_address([v4, v6]), Some(v4));
+        assert_eq!(preferred_address([v6, v6b]), Some(v6));
+        assert_eq!(preferred_address([]), None);
+    }
 }

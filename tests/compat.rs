@@ -89,3 +89,20 @@ fn a_bad_regex_route_is_a_config_error_with_its_path() {
         "{err}"
     );
 }
+
+#[test]
+fn a_localhost_upstream_reaches_a_server_listening_on_ipv4_only() {
+    // LLMProxy's examples point at `http://localhost:11434` (Ollama) or `:8000` (vLLM), servers
+    // that listen on IPv4 only. Where /etc/hosts also maps localhost to ::1, the resolver lists
+    // ::1 first; using it made every request a 502.
+    use std::net::ToSocketAddrs;
+    let addrs: Vec<_> = ("localhost", 80).to_socket_addrs().unwrap().collect();
+    eprintln!("localhost resolves to {addrs:?} here");
+    let mock = Mock::start(&[]); // 127.0.0.1 only
+    let proxy = Proxy::start(
+        &config_with_url(&format!("http://localhost:{}/v1", mock.port()), "", "", ""),
+        &[],
+    );
+    let r = proxy.get("/v1/models");
+    assert_eq!(r.status, 200, "{}", r.text());
+}
