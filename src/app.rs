@@ -50,6 +50,45 @@ fn init_logging(cli: &Cli) {
     }
 }
 
+/// Raises the soft open-file limit to the hard one, as nginx's `worker_rlimit_nofile` does:
+/// every client and every upstream connection is a descriptor, and the soft limit a shell or
+/// service manager hands out is often 1024, which a proxy exhausts at ~500 concurrent requests.
+fn raise_open_file_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0
+        || lim.rlim_cur >= lim.rlim_max
+    {
+        return;
+    }
+    let before = lim.rlim_cur;
+    // An unlimited hard limit is not a valid soft one for descriptors: the kernel caps it at
+    // fs.nr_open.
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<libc::rlim_t>().ok())
+        .unwrap_or(1 << 20);
+    for target in [lim.rlim_max, lim.rlim_max.min(nr_open)] {
+        let new = libc::rlimit {
+            rlim_cur: target,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: setrlimit reads one rlimit.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &new) } == 0 {
+            tracing::info!(from = before, to = target, "raised the open-file limit");
+            return;
+        }
+    }
+    tracing::warn!(
+        soft = before,
+        hard = lim.rlim_max,
+        "could not raise the open-file limit; connections beyond it will be refused"
+    );
+}
+
 /// Warns at start about settings that weaken security, so they are never on unnoticed.
 fn warn_at_start(cfg: &Config) {
     for u in &cfg.upstreams {
@@ -120,6 +159,7 @@ fn shard_count(cfg: &Config) -> usize {
 }
 
 pub fn serve(cfg: Config, egress: Egress) -> Result<ExitCode, String> {
+    raise_open_file_limit();
     let signals = block_signals();
     let cfg = Arc::new(cfg);
     let shards = shard_count(&cfg);

@@ -29,8 +29,9 @@ pub struct Cli {
     #[arg(long)]
     pub json: bool,
 
-    /// Log level: error, warn, info, debug, trace.
-    #[arg(long, value_name = "LEVEL", default_value = "info")]
+    /// Log level: off, error, warn (or warning), info, debug, trace; or tracing directives
+    /// such as `llmproxy=debug,warn`.
+    #[arg(long, value_name = "LEVEL", default_value = "info", value_parser = parse_log_level)]
     pub log_level: String,
 
     /// Same as `--log-level debug` (LLMProxy's flag).
@@ -49,4 +50,57 @@ pub enum DriverArg {
     Auto,
     Uring,
     Epoll,
+}
+
+const LEVELS: &[&str] = &["off", "error", "warn", "info", "debug", "trace"];
+
+/// Checks `--log-level`. A bare word must be a level: tracing would otherwise read an unknown
+/// word (`warning`, `verbose`) as a target name and silently drop every other log line,
+/// errors included. Directive lists (`target=level,…`) are passed through when they parse.
+fn parse_log_level(s: &str) -> Result<String, String> {
+    let word = s.trim().to_ascii_lowercase();
+    let word = if word == "warning" {
+        "warn".to_owned()
+    } else {
+        word
+    };
+    if LEVELS.contains(&word.as_str()) {
+        return Ok(word);
+    }
+    if s.contains('=') || s.contains(',') {
+        let all_parts_ok = s.split(',').filter(|d| !d.trim().is_empty()).all(|d| {
+            let level = d
+                .rsplit('=')
+                .next()
+                .unwrap_or(d)
+                .trim()
+                .to_ascii_lowercase();
+            LEVELS.contains(&level.as_str())
+        });
+        if all_parts_ok && tracing_subscriber::EnvFilter::try_new(s).is_ok() {
+            return Ok(s.to_owned());
+        }
+    }
+    Err(format!(
+        "`{s}` is not a log level (expected one of: {}, warning; or directives like `llmproxy=debug,warn`)",
+        LEVELS.join(", ")
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_log_level;
+
+    #[test]
+    fn log_levels() {
+        assert_eq!(parse_log_level("WARNING").unwrap(), "warn");
+        assert_eq!(parse_log_level("Info").unwrap(), "info");
+        assert_eq!(
+            parse_log_level("llmproxy=debug,warn").unwrap(),
+            "llmproxy=debug,warn"
+        );
+        for bad in ["verbose", "warnings", "llmproxy=loud", ""] {
+            assert!(parse_log_level(bad).is_err(), "{bad}");
+        }
+    }
 }

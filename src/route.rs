@@ -2,10 +2,11 @@
 //! from the request path. Lookups do not allocate.
 //!
 //! Pattern syntax (LLMProxy's radixmap subset): static paths (`/v1/chat/completions`), `:name`
-//! segments (one non-empty segment), a mid-path `*` (one non-empty segment) and a trailing `*`
-//! (the rest of the path, possibly empty). `{name:regex}` segments are rejected at config load.
-//! Priority: exact static match, then patterns with more static segments, ties by declaration
-//! order. The query string is ignored.
+//! segments (one non-empty segment), regex segments `{name:regex}`, `{:regex}` or `{regex}` (one
+//! segment the regex matches entirely), a mid-path `*` (one non-empty segment) and a trailing
+//! `*` (the rest of the path, possibly empty). Priority: exact static match, then patterns with
+//! more static segments, then more regex segments, ties by declaration order. The query string
+//! is ignored.
 
 use std::collections::HashMap;
 
@@ -16,11 +17,13 @@ pub fn validate_pattern(pattern: &str) -> Result<(), String> {
     parse(pattern).map(|_| ())
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 enum Seg {
     Static(String),
     /// `:name` or a mid-path `*`: exactly one non-empty segment.
     One,
+    /// `{name:regex}`: one segment the (anchored) regex matches.
+    Regex(regex::Regex),
     /// Trailing `*`: whatever follows the last `/`.
     Rest,
 }
@@ -32,18 +35,32 @@ fn parse(pattern: &str) -> Result<Option<Vec<Seg>>, String> {
     };
     if let Some(c) = pattern
         .chars()
-        .find(|c| c.is_whitespace() || c.is_control() || *c == '?' || *c == '#')
+        .find(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err(format!("path pattern `{pattern}` contains {c:?}"));
+    }
+    let parts: Vec<&str> = body.split('/').collect();
+    // `?` and `#` may appear inside a regex segment, not elsewhere.
+    if let Some(c) = parts
+        .iter()
+        .filter(|p| !(p.starts_with('{') && p.ends_with('}')))
+        .flat_map(|p| p.chars())
+        .find(|c| *c == '?' || *c == '#')
     {
         return Err(format!("path pattern `{pattern}` contains {c:?}; only the path is matched (no query or fragment)"));
     }
-    let parts: Vec<&str> = body.split('/').collect();
     let last = parts.len() - 1;
     let mut segs = Vec::with_capacity(parts.len());
     let mut dynamic = false;
     for (i, part) in parts.iter().enumerate() {
+        if part.starts_with('{') && part.ends_with('}') && part.len() >= 2 {
+            dynamic = true;
+            segs.push(Seg::Regex(segment_regex(pattern, part)?));
+            continue;
+        }
         if part.contains('{') || part.contains('}') {
             return Err(format!(
-                "path pattern `{pattern}`: regex segments like `{part}` are not supported; use `:name` or `*`"
+                "path pattern `{pattern}`: a regex segment `{{name:regex}}` must be a whole segment (found `{part}`); a `/` cannot appear inside one"
             ));
         }
         if *part == "*" {
@@ -68,6 +85,28 @@ fn parse(pattern: &str) -> Result<Option<Vec<Seg>>, String> {
     Ok(dynamic.then_some(segs))
 }
 
+/// `{name:regex}`, `{:regex}` or `{regex}` → the regex anchored to the whole segment. The name
+/// (letters, digits, `_`) is optional and unused: routes only choose a group.
+fn segment_regex(pattern: &str, part: &str) -> Result<regex::Regex, String> {
+    let inner = &part[1..part.len() - 1];
+    let expr = match inner.split_once(':') {
+        Some((name, expr)) if name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') => expr,
+        _ => inner,
+    };
+    let expr = expr.strip_prefix('^').unwrap_or(expr);
+    let expr = expr.strip_suffix('$').unwrap_or(expr);
+    if expr.is_empty() {
+        return Err(format!(
+            "path pattern `{pattern}`: regex segment `{part}` has no regex; use `:name` for any segment"
+        ));
+    }
+    regex::Regex::new(&format!("^(?:{expr})$")).map_err(|e| {
+        let first = e.to_string();
+        let why = first.lines().last().unwrap_or("invalid").trim().to_owned();
+        format!("path pattern `{pattern}`: invalid regex in `{part}`: {why}")
+    })
+}
+
 #[derive(Debug, Clone)]
 struct Pattern {
     segs: Vec<Seg>,
@@ -85,6 +124,10 @@ impl Pattern {
                 Seg::Rest => return parts.next().is_some(),
                 Seg::One => match parts.next() {
                     Some(p) if !p.is_empty() => {}
+                    _ => return false,
+                },
+                Seg::Regex(re) => match parts.next() {
+                    Some(p) if re.is_match(p) => {}
                     _ => return false,
                 },
                 Seg::Static(s) => {
@@ -110,7 +153,7 @@ impl Router {
     /// Builds the router; routes are validated by the config loader (invalid ones are skipped).
     pub fn new(routes: &[Route]) -> Router {
         let mut exact = HashMap::new();
-        let mut patterns: Vec<(usize, usize, Pattern)> = Vec::new();
+        let mut patterns: Vec<((usize, usize), usize, Pattern)> = Vec::new();
         for (i, r) in routes.iter().enumerate() {
             match parse(&r.path) {
                 Ok(None) => {
@@ -118,8 +161,9 @@ impl Router {
                 }
                 Ok(Some(segs)) => {
                     let statics = segs.iter().filter(|s| matches!(s, Seg::Static(_))).count();
+                    let regexes = segs.iter().filter(|s| matches!(s, Seg::Regex(_))).count();
                     patterns.push((
-                        statics,
+                        (statics, regexes),
                         i,
                         Pattern {
                             segs,
@@ -221,15 +265,39 @@ mod tests {
     }
 
     #[test]
+    fn regex_segments_match_whole_segments_and_rank_above_params() {
+        let r = router(&[
+            ("/v1/models/:name", 1),
+            ("/v1/models/{id:[0-9]+}", 2),
+            ("/u/{(?:a|b)c}/x", 3),
+            ("/v1/{a:x}/{b:y}", 4),
+            ("/v1/{a:x}/:b", 5),
+        ]);
+        assert_eq!(r.find("/v1/models/123"), Some(2));
+        assert_eq!(r.find("/v1/models/123?x=1"), Some(2));
+        assert_eq!(r.find("/v1/models/12a"), Some(1));
+        assert_eq!(r.find("/v1/models/a12"), Some(1));
+        assert_eq!(r.find("/u/ac/x"), Some(3));
+        assert_eq!(r.find("/u/bc/x"), Some(3));
+        assert_eq!(r.find("/u/abc/x"), None);
+        assert_eq!(r.find("/v1/x/y"), Some(4));
+        assert_eq!(r.find("/v1/x/z"), Some(5));
+    }
+
+    #[test]
     fn pattern_validation() {
         assert!(validate_pattern("/v1/chat/completions").is_ok());
         assert!(validate_pattern("/v1/:model/*").is_ok());
         assert!(validate_pattern("/").is_ok());
-        let e = validate_pattern("/v1/{id:[0-9]+}").unwrap_err();
-        assert!(
-            e.contains("regex segments") && e.contains("not supported"),
-            "{e}"
-        );
+        assert!(validate_pattern("/v1/{id:[0-9]+}").is_ok());
+        assert!(validate_pattern(r"/v1/{\d{2,3}}/x").is_ok());
+        assert!(validate_pattern("/v1/{:^a+$}").is_ok());
+        let e = validate_pattern("/v1/{id:[0-9}").unwrap_err();
+        assert!(e.contains("invalid regex"), "{e}");
+        let e = validate_pattern("/v1/{id:}").unwrap_err();
+        assert!(e.contains("no regex"), "{e}");
+        let e = validate_pattern("/v1/img-{id}").unwrap_err();
+        assert!(e.contains("whole segment"), "{e}");
         assert!(validate_pattern("v1/x")
             .unwrap_err()
             .contains("must start with `/`"));

@@ -203,3 +203,29 @@ fn a_second_instance_on_a_taken_port_fails_clearly() {
     // The first one is unaffected.
     assert_eq!(first.get("/v1/models").status, 200);
 }
+
+#[test]
+fn every_unresolvable_upstream_host_is_reported_at_once_with_its_path() {
+    // `.invalid` never resolves (RFC 6761).
+    let dir = TempDir::new();
+    let yaml = "http_server:
+  forwards:
+    - {name: f, port: 3999, address: 127.0.0.1, upstream_group: g}
+upstreams:
+  - {name: a, url: \"http://first.invalid/v1\"}
+  - {name: ok, url: \"http://127.0.0.1:8001\"}
+  - {name: b, url: \"http://second.invalid:8000\"}
+upstream_groups:
+  - {name: g, upstreams: [{name: a}, {name: ok}, {name: b}]}
+";
+    let p = write(&dir, "dns.yaml", yaml);
+    let (code, _, err) = run(&["-t", "-c", &p]);
+    assert_eq!(code, 1, "{err}");
+    for needle in [
+        "upstreams[0].url: cannot resolve host `first.invalid`",
+        "upstreams[2].url: cannot resolve host `second.invalid`",
+    ] {
+        assert!(err.contains(needle), "missing {needle:?} in:\n{err}");
+    }
+    assert!(!err.contains("upstreams[1]"), "{err}");
+}

@@ -324,7 +324,7 @@ http_server:
       routing:
         - path: v1/x
           target_group: g
-        - path: "/v1/{id:[0-9]+}"
+        - path: "/v1/{id:[0-9}"
           target_group: missing
         - path: /dup
           target_group: g
@@ -398,7 +398,7 @@ runtime:
             "http_server.forwards[0].routing[0].path",
             "must start with `/`",
         ),
-        ("http_server.forwards[0].routing[1].path", "regex segments"),
+        ("http_server.forwards[0].routing[1].path", "invalid regex"),
         (
             "http_server.forwards[0].routing[1].target_group",
             "unknown upstream group `missing`",

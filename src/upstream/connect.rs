@@ -45,6 +45,8 @@ impl Egress {
     /// Resolves every address once (a shard never blocks on DNS). An upstream that every group
     /// reaches through a proxy is not resolved here.
     pub fn resolve(cfg: &Config) -> Result<Egress, String> {
+        // Every name that does not resolve is reported, each at its YAML path.
+        let mut errors = Vec::new();
         let mut proxies: Vec<OutboundProxy> = Vec::new();
         let mut group_via = Vec::with_capacity(cfg.groups.len());
         for (gi, g) in cfg.groups.iter().enumerate() {
@@ -61,39 +63,52 @@ impl Egress {
                 group_via.push(i + 1);
                 continue;
             }
-            let addr = resolve_one(&p.host, p.port).map_err(|e| {
-                format!(
-                    "upstream_groups[{gi}].http_client.proxy ({}): {e}",
-                    p.display_url
-                )
-            })?;
-            proxies.push(OutboundProxy {
-                addr,
-                proxy: p.clone(),
-            });
-            group_via.push(proxies.len());
-        }
-        let upstream_addrs = cfg
-            .upstreams
-            .iter()
-            .enumerate()
-            .map(|(i, u)| {
-                let mut groups = cfg
-                    .groups
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, g)| g.members.iter().any(|m| m.upstream == i))
-                    .peekable();
-                let proxied_only =
-                    groups.peek().is_some() && groups.all(|(gi, _)| group_via[gi] != 0);
-                if proxied_only {
-                    return Ok(None);
+            match resolve_one(&p.host, p.port) {
+                Ok(addr) => {
+                    proxies.push(OutboundProxy {
+                        addr,
+                        proxy: p.clone(),
+                    });
+                    group_via.push(proxies.len());
                 }
-                resolve_one(&u.host, u.port)
-                    .map(Some)
-                    .map_err(|e| format!("upstreams[{i}] ({}): {e}", u.name))
-            })
-            .collect::<Result<Vec<_>, String>>()?;
+                Err(e) => {
+                    errors.push(format!(
+                        "upstream_groups[{gi}].http_client.proxy.url: {e} (proxy {})",
+                        p.display_url
+                    ));
+                    group_via.push(usize::MAX);
+                }
+            }
+        }
+        let mut upstream_addrs = Vec::with_capacity(cfg.upstreams.len());
+        for (i, u) in cfg.upstreams.iter().enumerate() {
+            let mut groups = cfg
+                .groups
+                .iter()
+                .enumerate()
+                .filter(|(_, g)| g.members.iter().any(|m| m.upstream == i))
+                .peekable();
+            let proxied_only = groups.peek().is_some() && groups.all(|(gi, _)| group_via[gi] != 0);
+            if proxied_only {
+                upstream_addrs.push(None);
+                continue;
+            }
+            match resolve_one(&u.host, u.port) {
+                Ok(a) => upstream_addrs.push(Some(a)),
+                Err(e) => {
+                    errors.push(format!("upstreams[{i}].url: {e} (upstream {})", u.name));
+                    upstream_addrs.push(None);
+                }
+            }
+        }
+        if !errors.is_empty() {
+            let n = errors.len();
+            return Err(format!(
+                "{n} host name{} did not resolve:\n{}",
+                if n == 1 { "" } else { "s" },
+                errors.join("\n")
+            ));
+        }
         Ok(Egress {
             upstream_addrs,
             proxies,
@@ -114,11 +129,25 @@ impl Egress {
 }
 
 fn resolve_one(host: &str, port: u16) -> Result<SocketAddr, String> {
-    (host, port)
+    let found = (host, port)
         .to_socket_addrs()
-        .map_err(|e| format!("cannot resolve {host}: {e}"))?
-        .next()
-        .ok_or_else(|| format!("{host} has no address"))
+        .map_err(|e| format!("cannot resolve host `{host}`: {e}"))?;
+    preferred_address(found).ok_or_else(|| format!("host `{host}` has no address"))
+}
+
+/// The address used for a resolved name: the first IPv4 one when there is one (Envoy's
+/// `V4_PREFERRED`), else the first. The resolver lists `::1` before `127.0.0.1` for `localhost`
+/// where /etc/hosts maps both, and local model servers (vLLM, Ollama) usually listen on IPv4
+/// only.
+fn preferred_address(found: impl IntoIterator<Item = SocketAddr>) -> Option<SocketAddr> {
+    let mut first = None;
+    for a in found {
+        if a.is_ipv4() {
+            return Some(a);
+        }
+        first = first.or(Some(a));
+    }
+    first
 }
 
 /// Why an outbound proxy did not give us a connection.
@@ -296,5 +325,22 @@ mod tests {
         assert_eq!(authority("api.example.com", 443), "api.example.com:443");
         assert_eq!(authority("10.0.0.1", 8443), "10.0.0.1:8443");
         assert_eq!(authority("::1", 443), "[::1]:443");
+    }
+}
+
+#[cfg(test)]
+mod resolve_tests {
+    use super::preferred_address;
+    use std::net::SocketAddr;
+
+    #[test]
+    fn ipv4_is_preferred_when_a_name_has_both_families() {
+        let v6: SocketAddr = "[::1]:8000".parse().unwrap();
+        let v4: SocketAddr = "127.0.0.1:8000".parse().unwrap();
+        let v6b: SocketAddr = "[2001:db8::1]:8000".parse().unwrap();
+        assert_eq!(preferred_address([v6, v4]), Some(v4));
+        assert_eq!(preferred_address([v4, v6]), Some(v4));
+        assert_eq!(preferred_address([v6, v6b]), Some(v6));
+        assert_eq!(preferred_address([]), None);
     }
 }

@@ -214,15 +214,20 @@ impl Proxy {
     /// Starts llmproxyd on `yaml` (with `{PORT}` and `{ADMIN}` replaced by free ports) and
     /// waits until the forward accepts connections.
     pub fn start(yaml: &str, args: &[&str]) -> Proxy {
+        Proxy::start_with(yaml, args, |_| {})
+    }
+
+    /// [`Proxy::start`] with `setup` applied to the command first (environment, limits).
+    pub fn start_with(yaml: &str, args: &[&str], setup: impl Fn(&mut Command)) -> Proxy {
         for _ in 0..5 {
-            if let Some(p) = Proxy::try_start(yaml, args) {
+            if let Some(p) = Proxy::try_start(yaml, args, &setup) {
                 return p;
             }
         }
         panic!("llmproxyd did not start");
     }
 
-    fn try_start(yaml: &str, args: &[&str]) -> Option<Proxy> {
+    fn try_start(yaml: &str, args: &[&str], setup: &dyn Fn(&mut Command)) -> Option<Proxy> {
         let dir = TempDir::new();
         let port = free_port();
         let admin = free_port();
@@ -234,14 +239,14 @@ impl Proxy {
         )
         .unwrap();
         let log = dir.0.join("proxy.log");
-        let child = Command::new(PROXY_BIN)
-            .arg("-c")
+        let mut cmd = Command::new(PROXY_BIN);
+        cmd.arg("-c")
             .arg(&cfg)
             .args(args)
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("start llmproxyd");
+            .stderr(std::fs::File::create(&log).unwrap());
+        setup(&mut cmd);
+        let child = cmd.spawn().expect("start llmproxyd");
         let mut p = Proxy {
             child: Some(child),
             port,
