@@ -89,8 +89,17 @@ fn raise_open_file_limit() {
     );
 }
 
-/// Warns at start about settings that weaken security, so they are never on unnoticed.
+/// Warns at start about settings that weaken security, so they are never on unnoticed, and
+/// about accepted settings that do nothing here (one line each, with every path it concerns).
 fn warn_at_start(cfg: &Config) {
+    if cfg.dialect == config::Dialect::GoPort {
+        tracing::info!(
+            "configuration is in llmproxy-go's dialect (camelCase keys, durations in milliseconds)"
+        );
+    }
+    for w in &cfg.warnings {
+        tracing::warn!("{w}");
+    }
     for u in &cfg.upstreams {
         if u.tls.as_ref().is_some_and(|t| t.insecure_skip_verify) {
             tracing::warn!(

@@ -6,7 +6,7 @@ use clap::{Parser, ValueEnum};
 
 /// llmproxyd: a thread-per-core io_uring LLM API gateway (LLMProxy-compatible config).
 #[derive(Debug, Parser)]
-#[command(name = "llmproxyd", version, about)]
+#[command(name = "llmproxyd", version, about, disable_version_flag = true)]
 pub struct Cli {
     /// Config file (YAML). Without it the embedded config.default.yaml is used.
     #[arg(short = 'c', long = "config", value_name = "FILE")]
@@ -25,9 +25,14 @@ pub struct Cli {
     #[arg(long, value_enum, value_name = "DRIVER")]
     pub driver: Option<DriverArg>,
 
-    /// Log as JSON lines.
-    #[arg(long)]
+    /// Log as JSON lines (`-j` as in llmproxy-go).
+    #[arg(short = 'j', long)]
     pub json: bool,
+
+    /// Accepted for llmproxy-go compatibility; no effect: llmproxyd always runs as the Go
+    /// port's release mode does (no debug endpoints; log level from `--log-level`).
+    #[arg(short = 'r', long)]
+    pub release: bool,
 
     /// Log level: off, error, warn (or warning), info, debug, trace; or tracing directives
     /// such as `llmproxy=debug,warn`.
@@ -42,6 +47,10 @@ pub struct Cli {
     /// `runtime.shutdown_timeout` (30).
     #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub shutdown_timeout: Option<u64>,
+
+    /// Print version (`-v` as in llmproxy-go).
+    #[arg(short = 'V', long = "version", short_alias = 'v', action = clap::ArgAction::Version)]
+    version: Option<bool>,
 }
 
 /// `--driver` values.

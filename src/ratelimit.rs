@@ -387,7 +387,10 @@ impl Limits {
             upstreams: config
                 .upstreams
                 .iter()
-                .map(|u| u.ratelimit_per_second.map(UpstreamLimiter::new))
+                .map(|u| {
+                    u.ratelimit
+                        .map(|r| UpstreamLimiter::with_burst(r.per_second, r.burst))
+                })
                 .collect(),
         }
     }

@@ -107,3 +107,51 @@ pub const SHUTDOWN_TIMEOUT_RANGE: (u64, u64) = (1, 3600);
 
 /// `upstreams[].tls.insecure_skip_verify`: certificates are checked unless switched off.
 pub const UPSTREAM_TLS_INSECURE_SKIP_VERIFY: bool = false;
+
+/// The llmproxy-go dialect: its documented defaults and ranges (durations in ms). A `0` in a
+/// Go file means "the default" (the Go port's zero-value rule), except for `keepalive`.
+pub mod go {
+    /// `httpServer.forwards[].ratelimit.perSecond` (1–65535).
+    pub const FORWARD_RATELIMIT_PER_SECOND: u64 = 100;
+    pub const RATELIMIT_RANGE: (u64, u64) = (1, 65_535);
+    /// `httpServer.forwards[].ratelimit.burst` (1–65535): the documented 200 (the Go code falls
+    /// back to 1, which rejects a second request from one client within the same 1/perSecond).
+    pub const FORWARD_RATELIMIT_BURST: u64 = 200;
+    /// `upstreams[].ratelimit.perSecond` (1–65535) when the block is present; `burst` defaults
+    /// to perSecond (one second's worth).
+    pub const UPSTREAM_RATELIMIT_PER_SECOND: u64 = 100;
+    /// Every server and client timeout (ms, 1 s – 24 h).
+    pub const TIMEOUT_RANGE_MS: (u64, u64) = (1000, 86_400_000);
+    /// `forwards[].timeout.idle` and `admin.timeout.idle` (ms).
+    pub const SERVER_IDLE_MS: u64 = 60_000;
+    /// `forwards[].timeout.read` and `admin.timeout.read` (ms).
+    pub const SERVER_READ_MS: u64 = 30_000;
+    /// `upstreams[].breaker.threshold` (0.01–1.0).
+    pub const BREAKER_THRESHOLD: f64 = 0.5;
+    /// `upstreams[].breaker.cooldown` (ms, 1 s – 1 h).
+    pub const BREAKER_COOLDOWN_MS: u64 = 30_000;
+    pub const BREAKER_COOLDOWN_RANGE_MS: (u64, u64) = (1000, 3_600_000);
+    /// `upstreams[].breaker.maxRequests` (1–100).
+    pub const BREAKER_MAX_REQUESTS: u64 = 3;
+    /// `upstreams[].breaker.interval` (ms, 1 s – 1 h).
+    pub const BREAKER_INTERVAL_MS: u64 = 10_000;
+    pub const BREAKER_INTERVAL_RANGE_MS: (u64, u64) = (1000, 3_600_000);
+    /// `httpClient.keepalive` (ms, 0–600000, 0 = off).
+    pub const KEEPALIVE_MS: u64 = 60_000;
+    pub const KEEPALIVE_RANGE_MS: (u64, u64) = (0, 600_000);
+    /// `httpClient.connect.idleTotal` (0–1000).
+    pub const IDLE_TOTAL: u64 = 100;
+    pub const IDLE_TOTAL_RANGE: (u64, u64) = (0, 1000);
+    /// `httpClient.connect.idlePerHost` (0–100).
+    pub const IDLE_PER_HOST: u64 = 10;
+    pub const IDLE_PER_HOST_RANGE: (u64, u64) = (0, 100);
+    /// `httpClient.connect.maxPerHost` (0–500).
+    pub const MAX_PER_HOST: u64 = 50;
+    pub const MAX_PER_HOST_RANGE: (u64, u64) = (0, 500);
+    /// `httpClient.timeout.connect` (ms).
+    pub const CONNECT_TIMEOUT_MS: u64 = 10_000;
+    /// `httpClient.timeout.request` (ms).
+    pub const REQUEST_TIMEOUT_MS: u64 = 300_000;
+    /// `httpClient.timeout.idle` (ms): pooled connection idle time.
+    pub const POOL_IDLE_TIMEOUT_MS: u64 = 60_000;
+}

@@ -1,8 +1,11 @@
 //! Configuration (startup): LLMProxy-compatible YAML → `${VAR}` expansion → raw tree → validated
-//! [`Config`]. Every error is reported at once with its YAML path.
+//! [`Config`]. Every error is reported at once with its YAML path. Two dialects load: LLMProxy's
+//! snake_case schema (`validate`) and the llmproxy-go camelCase one (`go`), told apart by the
+//! top-level keys.
 
 pub mod defaults;
 mod env;
+mod go;
 mod model;
 mod url;
 mod validate;
@@ -81,9 +84,19 @@ pub fn load_str_with_env(
     })?;
     let mut ctx = walk::Ctx::default();
     env::expand_tree(&mut root, "", env, &mut ctx);
-    let config = validate::build(&root, &mut ctx);
+    let config = match dialect(&root, &mut ctx) {
+        Some(Dialect::LlmProxy) => validate::build(&root, &mut ctx, &validate::LLMPROXY),
+        Some(Dialect::GoPort) => {
+            ctx.dialect = Dialect::GoPort;
+            validate::build(&root, &mut ctx, &go::GO)
+        }
+        None => None,
+    };
     match config {
-        Some(c) if ctx.errors.is_empty() => Ok(c),
+        Some(mut c) if ctx.errors.is_empty() => {
+            c.warnings = ctx.warning_lines();
+            Ok(c)
+        }
         _ => {
             if ctx.errors.is_empty() {
                 ctx.error("", "invalid configuration");
@@ -93,5 +106,42 @@ pub fn load_str_with_env(
     }
 }
 
+/// The file's dialect from its top-level keys: `httpServer`/`upstreamGroups` are the Go port's,
+/// anything else is LLMProxy's. Both kinds at once is an error (`None`).
+fn dialect(root: &serde_yaml::Value, ctx: &mut walk::Ctx) -> Option<Dialect> {
+    let has = |k: &str| root.get(k).is_some();
+    let snake: Vec<&str> = ["http_server", "upstream_groups"]
+        .into_iter()
+        .filter(|k| has(k))
+        .collect();
+    let camel: Vec<&str> = ["httpServer", "upstreamGroups"]
+        .into_iter()
+        .filter(|k| has(k))
+        .collect();
+    match (snake.is_empty(), camel.is_empty()) {
+        (_, true) => Some(Dialect::LlmProxy),
+        (true, false) => Some(Dialect::GoPort),
+        (false, false) => {
+            let quote = |ks: &[&str]| {
+                ks.iter()
+                    .map(|k| format!("`{k}`"))
+                    .collect::<Vec<_>>()
+                    .join(" and ")
+            };
+            ctx.error(
+                "",
+                format!(
+                    "this file mixes two config dialects: {} from LLMProxy's snake_case schema and {} from llmproxy-go's camelCase schema (durations in ms); write the whole file in one of them: `http_server` + `upstream_groups`, or `httpServer` + `upstreamGroups`",
+                    quote(&snake),
+                    quote(&camel)
+                ),
+            );
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod go_tests;
 #[cfg(test)]
 mod tests;

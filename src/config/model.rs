@@ -19,6 +19,20 @@ pub struct Config {
     pub groups: Vec<Group>,
     /// `runtime` (our extension): shard count, driver, tick.
     pub runtime: Runtime,
+    /// Which schema the file was written in.
+    pub dialect: Dialect,
+    /// Accepted settings that do nothing here (or less than the key suggests), one line each:
+    /// logged as warnings at start (and by `-t`).
+    pub warnings: Vec<String>,
+}
+
+/// The two schemas a config file may use, told apart by its top-level keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    /// LLMProxy's snake_case schema (`http_server`, `upstream_groups`), durations in seconds.
+    LlmProxy,
+    /// The Go port's camelCase schema (`httpServer`, `upstreamGroups`), durations in ms.
+    GoPort,
 }
 
 /// A forwarding listener (`http_server.forwards[]`).
@@ -116,10 +130,44 @@ pub struct Upstream {
     pub auth: Auth,
     pub headers: Vec<HeaderOp>,
     pub breaker: Breaker,
-    /// `ratelimit.per_second` (Go port), requests per second to this upstream; None = unlimited.
-    pub ratelimit_per_second: Option<u32>,
+    /// `ratelimit`: requests sent to this upstream; None = unlimited.
+    pub ratelimit: Option<UpstreamRateLimit>,
+    /// Go dialect, URL with a path: that path (and query) is the request target, replacing the
+    /// client's. None: the client's path and query are joined with `base_path`.
+    pub replace_path: Option<ReplacePath>,
     /// How the upstream's certificate is checked: `Some` exactly for `https://` upstreams.
     pub tls: Option<UpstreamTls>,
+}
+
+/// `upstreams[].ratelimit`: a token bucket for what is sent to one upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UpstreamRateLimit {
+    /// `per_second` / `perSecond`: requests per second.
+    pub per_second: u32,
+    /// `burst` (Go dialect; default = `per_second`, one second's worth): bucket size.
+    pub burst: u32,
+}
+
+/// The Go port's URL rule for an upstream URL with a path: the path replaces the client's; the
+/// URL's query, when it has one, replaces the client's query, else the client's query is kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplacePath {
+    /// The URL's path as written (`/v1/chat/completions`).
+    pub path: String,
+    /// The URL's query without `?`, if it had one.
+    pub query: Option<String>,
+}
+
+impl ReplacePath {
+    /// Appends the request target for a client request to `client_pq` (path and query).
+    pub fn write(&self, client_pq: &str, out: &mut bytes::BytesMut) {
+        out.extend_from_slice(self.path.as_bytes());
+        let client_query = client_pq.split_once('?').map(|(_, q)| q);
+        if let Some(q) = self.query.as_deref().or(client_query) {
+            out.extend_from_slice(b"?");
+            out.extend_from_slice(q.as_bytes());
+        }
+    }
 }
 
 /// `upstreams[].tls` (defaults when absent) of an `https://` upstream.
@@ -330,4 +378,14 @@ pub struct Runtime {
     pub tick: Duration,
     /// `shutdown_timeout` (s, default 30, 1–3600): drain time on SIGTERM/SIGINT.
     pub shutdown_timeout: Duration,
+}
+
+impl Dialect {
+    /// The YAML path of group `i`'s outbound proxy URL, as this dialect spells it.
+    pub fn group_proxy_url_path(self, i: usize) -> String {
+        match self {
+            Dialect::LlmProxy => format!("upstream_groups[{i}].http_client.proxy.url"),
+            Dialect::GoPort => format!("upstreamGroups[{i}].httpClient.proxy.url"),
+        }
+    }
 }

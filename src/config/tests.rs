@@ -11,18 +11,18 @@ fn no_env(_: &str) -> Option<String> {
     None
 }
 
-fn load(yaml: &str) -> Result<Config, ConfigErrors> {
+pub(super) fn load(yaml: &str) -> Result<Config, ConfigErrors> {
     load_str_with_env(yaml, &no_env)
 }
 
-fn errors(yaml: &str) -> Vec<(String, String)> {
+pub(super) fn errors(yaml: &str) -> Vec<(String, String)> {
     match load(yaml) {
         Ok(_) => panic!("expected errors"),
         Err(e) => e.0.into_iter().map(|e| (e.path, e.message)).collect(),
     }
 }
 
-fn has_error(errs: &[(String, String)], path: &str, needle: &str) -> bool {
+pub(super) fn has_error(errs: &[(String, String)], path: &str, needle: &str) -> bool {
     errs.iter().any(|(p, m)| p == path && m.contains(needle))
 }
 

@@ -1,5 +1,7 @@
 //! Schema walk (startup): the expanded YAML tree → validated [`Config`], reporting every problem
-//! (types, required keys, ranges, unknown keys, cross references) with its YAML path.
+//! (types, required keys, ranges, unknown keys, cross references) with its YAML path. The walk
+//! and the parts both dialects share live here with LLMProxy's snake_case readers; the Go
+//! port's readers are in `go.rs`.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
@@ -45,8 +47,8 @@ const UPSTREAM_KEYS: &[&str] = &[
     "tls",
 ];
 const UPSTREAM_TLS_KEYS: &[&str] = &["ca_file", "insecure_skip_verify"];
-const AUTH_KEYS: &[&str] = &["type", "token", "username", "password"];
-const HEADER_KEYS: &[&str] = &["op", "key", "value"];
+pub(super) const AUTH_KEYS: &[&str] = &["type", "token", "username", "password"];
+pub(super) const HEADER_KEYS: &[&str] = &["op", "key", "value"];
 const BREAKER_KEYS: &[&str] = &[
     "enabled",
     "threshold",
@@ -59,8 +61,8 @@ const BREAKER_KEYS: &[&str] = &[
 ];
 const UPSTREAM_RATELIMIT_KEYS: &[&str] = &["per_second"];
 const GROUP_KEYS: &[&str] = &["name", "upstreams", "balance", "http_client"];
-const MEMBER_KEYS: &[&str] = &["name", "weight"];
-const BALANCE_KEYS: &[&str] = &["strategy"];
+pub(super) const MEMBER_KEYS: &[&str] = &["name", "weight"];
+pub(super) const BALANCE_KEYS: &[&str] = &["strategy"];
 const CLIENT_KEYS: &[&str] = &[
     "agent",
     "keepalive",
@@ -75,7 +77,7 @@ const CLIENT_TIMEOUT_KEYS: &[&str] = &["connect", "request", "first_byte", "stre
 const POOL_KEYS: &[&str] = &["max_idle"];
 const RETRY_KEYS: &[&str] = &["enabled", "attempts", "initial", "max_body_bytes"];
 const PROXY_KEYS: &[&str] = &["enabled", "url"];
-const RUNTIME_KEYS: &[&str] = &["shards", "driver", "tick_ms", "shutdown_timeout"];
+pub(super) const RUNTIME_KEYS: &[&str] = &["shards", "driver", "tick_ms", "shutdown_timeout"];
 
 /// Every key list, so a test can check that `config.default.yaml` documents each key.
 #[cfg(test)]
@@ -151,7 +153,7 @@ fn secs(n: u64) -> Duration {
 }
 
 /// Names declared in a top-level list, first occurrence wins (duplicates are reported elsewhere).
-fn names_of(root: &Value, key: &str) -> HashMap<String, usize> {
+pub(super) fn names_of(root: &Value, key: &str) -> HashMap<String, usize> {
     let mut out = HashMap::new();
     if let Some(Value::Sequence(items)) = root.get(key) {
         for (i, item) in items.iter().enumerate() {
@@ -163,39 +165,87 @@ fn names_of(root: &Value, key: &str) -> HashMap<String, usize> {
     out
 }
 
+/// What differs between the two dialects at the level of the whole file: the key names, and
+/// the readers of the parts whose keys, units or defaults differ. The walk itself is shared.
+pub(crate) struct Schema {
+    pub dialect: Dialect,
+    pub top_keys: &'static [&'static str],
+    /// `http_server` / `httpServer`.
+    pub http_server: &'static str,
+    pub http_server_keys: &'static [&'static str],
+    pub forward_keys: &'static [&'static str],
+    pub admin_keys: &'static [&'static str],
+    pub upstream_keys: &'static [&'static str],
+    /// `upstream_groups` / `upstreamGroups`.
+    pub groups: &'static str,
+    pub group_keys: &'static [&'static str],
+    /// `http_client` / `httpClient`.
+    pub client: &'static str,
+    pub client_keys: &'static [&'static str],
+    pub listen: fn(&mut Ctx, &Obj) -> SocketAddr,
+    pub forward: fn(&mut Ctx, &Obj, SocketAddr, &HashMap<String, usize>) -> Option<Forward>,
+    pub admin: fn(&mut Ctx, Option<&Obj>) -> Admin,
+    pub upstream: fn(&mut Ctx, &Obj, &mut TlsConfigs) -> Option<Upstream>,
+    pub http_client: fn(&mut Ctx, Option<&Obj>) -> HttpClient,
+}
+
+/// LLMProxy's snake_case schema.
+pub(crate) const LLMPROXY: Schema = Schema {
+    dialect: Dialect::LlmProxy,
+    top_keys: TOP_KEYS,
+    http_server: "http_server",
+    http_server_keys: HTTP_SERVER_KEYS,
+    forward_keys: FORWARD_KEYS,
+    admin_keys: ADMIN_KEYS,
+    upstream_keys: UPSTREAM_KEYS,
+    groups: "upstream_groups",
+    group_keys: GROUP_KEYS,
+    client: "http_client",
+    client_keys: CLIENT_KEYS,
+    listen: |ctx, o| listen_addr(ctx, o, d::FORWARD_PORT),
+    forward,
+    admin: admin_block,
+    upstream,
+    http_client,
+};
+
 /// Walks the whole tree. The result is only meaningful when `ctx` collected no error.
-pub(crate) fn build(root: &Value, ctx: &mut Ctx) -> Option<Config> {
+pub(crate) fn build(root: &Value, ctx: &mut Ctx, s: &Schema) -> Option<Config> {
     let top = match root {
         Value::Null => {
             ctx.error("", "the configuration is empty");
             return None;
         }
-        _ => Obj::new(ctx, Some(root), String::new(), TOP_KEYS)?,
+        _ => Obj::new(ctx, Some(root), String::new(), s.top_keys)?,
     };
     let upstream_names = names_of(root, "upstreams");
-    let group_names = names_of(root, "upstream_groups");
+    let group_names = names_of(root, s.groups);
 
-    let (forwards, admin) = match top.obj(ctx, "http_server", HTTP_SERVER_KEYS) {
-        Some(hs) => http_server(ctx, &hs, &group_names),
+    let (forwards, admin) = match top.obj(ctx, s.http_server, s.http_server_keys) {
+        Some(hs) => http_server(ctx, &hs, &group_names, s),
         None => {
-            if !top.has("http_server") {
-                ctx.error("http_server", "missing required key `http_server`");
+            if !top.has(s.http_server) {
+                ctx.error(
+                    s.http_server,
+                    format!("missing required key `{}`", s.http_server),
+                );
             }
-            (Vec::new(), admin_block(ctx, None))
+            (Vec::new(), (s.admin)(ctx, None))
         }
     };
 
     // Upstreams with the same TLS settings share one client config (and so its session cache).
     let mut tls_configs = HashMap::new();
-    let upstreams = list(ctx, &top, "upstreams", UPSTREAM_KEYS, |ctx, o| {
-        upstream(ctx, o, &mut tls_configs)
+    let upstreams = list(ctx, &top, "upstreams", s.upstream_keys, |ctx, o| {
+        (s.upstream)(ctx, o, &mut tls_configs)
     });
     unique_names(ctx, &top, "upstreams", "upstream");
-    let groups = list(ctx, &top, "upstream_groups", GROUP_KEYS, |ctx, o| {
-        group(ctx, o, &upstream_names)
+    let groups = list(ctx, &top, s.groups, s.group_keys, |ctx, o| {
+        group(ctx, o, &upstream_names, s)
     });
-    unique_names(ctx, &top, "upstream_groups", "upstream group");
+    unique_names(ctx, &top, s.groups, "upstream group");
 
+    // `runtime` is our extension and reads the same in both dialects.
     let rt = top.obj(ctx, "runtime", RUNTIME_KEYS);
     let runtime = runtime(ctx, rt.as_ref());
 
@@ -205,11 +255,13 @@ pub(crate) fn build(root: &Value, ctx: &mut Ctx) -> Option<Config> {
         upstreams,
         groups,
         runtime,
+        dialect: s.dialect,
+        warnings: Vec::new(),
     })
 }
 
 /// A required, non-empty top-level list of mappings.
-fn list<T>(
+pub(super) fn list<T>(
     ctx: &mut Ctx,
     parent: &Obj,
     key: &str,
@@ -245,7 +297,7 @@ fn list<T>(
         .collect()
 }
 
-fn unique_names(ctx: &mut Ctx, parent: &Obj, key: &str, what: &str) {
+pub(super) fn unique_names(ctx: &mut Ctx, parent: &Obj, key: &str, what: &str) {
     let Some(Value::Sequence(items)) = parent.get(key) else {
         return;
     };
@@ -267,7 +319,7 @@ fn unique_names(ctx: &mut Ctx, parent: &Obj, key: &str, what: &str) {
     }
 }
 
-fn resolve_group(
+pub(super) fn resolve_group(
     ctx: &mut Ctx,
     path: &str,
     name: &str,
@@ -290,25 +342,31 @@ fn resolve_group(
     }
 }
 
-fn http_server(ctx: &mut Ctx, hs: &Obj, groups: &HashMap<String, usize>) -> (Vec<Forward>, Admin) {
+fn http_server(
+    ctx: &mut Ctx,
+    hs: &Obj,
+    groups: &HashMap<String, usize>,
+    s: &Schema,
+) -> (Vec<Forward>, Admin) {
     // Listeners whose address and port were valid, for the conflict check (an invalid port was
     // replaced by the default and must not cause a second, made-up error).
     let mut listens: Vec<(SocketAddr, String)> = Vec::new();
-    let forwards = list(ctx, hs, "forwards", FORWARD_KEYS, |ctx, o| {
+    let forwards = list(ctx, hs, "forwards", s.forward_keys, |ctx, o| {
         let before = ctx.errors.len();
-        let listen = listen_addr(ctx, o, d::FORWARD_PORT);
+        let listen = (s.listen)(ctx, o);
         if ctx.errors.len() == before {
             listens.push((listen, o.path.clone()));
         }
-        forward(ctx, o, listen, groups)
+        (s.forward)(ctx, o, listen, groups)
     });
     unique_names(ctx, hs, "forwards", "forward");
-    let admin_obj = hs.obj(ctx, "admin", ADMIN_KEYS);
+    let admin_obj = hs.obj(ctx, "admin", s.admin_keys);
     let before = ctx.errors.len();
-    let admin = admin_block(ctx, admin_obj.as_ref());
+    let admin = (s.admin)(ctx, admin_obj.as_ref());
     if ctx.errors.len() == before {
-        listens.push((admin.listen, "http_server.admin".to_owned()));
+        listens.push((admin.listen, hs.child("admin")));
     }
+    // Reports every listener whose address an earlier one (forward or admin) already uses.
     for (i, (addr, path)) in listens.iter().enumerate() {
         if let Some((_, other)) = listens[..i].iter().find(|(a, _)| a == addr) {
             ctx.error(
@@ -321,8 +379,16 @@ fn http_server(ctx: &mut Ctx, hs: &Obj, groups: &HashMap<String, usize>) -> (Vec
 }
 
 /// `address` + `port` → a socket address; names other than `localhost` are resolved now.
-fn listen_addr(ctx: &mut Ctx, o: &Obj, default_port: u16) -> SocketAddr {
-    let port = o.u64(ctx, "port", u64::from(default_port), (1, 65_535)) as u16;
+pub(super) fn listen_addr(ctx: &mut Ctx, o: &Obj, default_port: u16) -> SocketAddr {
+    // The Go port fills a zero port with the default (a forward's `port` is required there,
+    // which its reader checks first).
+    let go_zero =
+        ctx.dialect == Dialect::GoPort && o.get("port").and_then(Value::as_u64) == Some(0);
+    let port = if go_zero {
+        default_port
+    } else {
+        o.u64(ctx, "port", u64::from(default_port), (1, 65_535)) as u16
+    };
     let address = o
         .opt_str(ctx, "address")
         .unwrap_or_else(|| d::LISTEN_ADDRESS.to_owned());
@@ -529,10 +595,10 @@ fn listener_tls(ctx: &mut Ctx, t: &Obj) -> Option<ListenerTls> {
 }
 
 /// Client TLS configs by (`ca_file`, `insecure_skip_verify`), built once per load.
-type TlsConfigs = HashMap<(Option<String>, bool), std::sync::Arc<rustls::ClientConfig>>;
+pub(super) type TlsConfigs = HashMap<(Option<String>, bool), std::sync::Arc<rustls::ClientConfig>>;
 
 /// `upstreams[].tls` of an `https://` upstream (defaults when the block is absent).
-fn upstream_tls(
+pub(super) fn upstream_tls(
     ctx: &mut Ctx,
     t: Option<&Obj>,
     host: &str,
@@ -604,80 +670,91 @@ fn admin_block(ctx: &mut Ctx, o: Option<&Obj>) -> Admin {
     }
 }
 
-fn upstream(ctx: &mut Ctx, o: &Obj, tls_configs: &mut TlsConfigs) -> Option<Upstream> {
-    let name = o.req_str(ctx, "name");
-    let raw_url = o.req_str(ctx, "url");
-    let parsed = raw_url.as_ref().and_then(|u| match url::parse(u) {
+/// `url` of an upstream: absolute http(s), no credentials.
+pub(super) fn upstream_url(ctx: &mut Ctx, path: &str, raw: &str) -> Option<url::ParsedUrl> {
+    match url::parse(raw) {
         Ok(p) if p.credentials.is_some() => {
             ctx.error(
-                &o.child("url"),
+                path,
                 "credentials in an upstream URL are not allowed; use `auth` (type basic or bearer)",
             );
             None
         }
         Ok(p) => Some(p),
         Err(e) => {
-            ctx.error(&o.child("url"), e);
+            ctx.error(path, e);
             None
         }
-    });
-    let _weight = o.u64(ctx, "weight", d::WEIGHT, d::WEIGHT_RANGE);
+    }
+}
 
-    let auth = match o.obj(ctx, "auth", AUTH_KEYS) {
-        None => Auth::None,
-        Some(a) => match a.choice(ctx, "type", AuthType::None, AUTH_TYPES) {
-            AuthType::None => Auth::None,
-            AuthType::Bearer => match a.opt_str(ctx, "token") {
-                Some(t) if !t.is_empty() => {
-                    if http::HeaderValue::from_str(&format!("Bearer {t}")).is_err() {
-                        ctx.error(
-                            &a.child("token"),
-                            "the token contains characters not allowed in an HTTP header",
-                        );
-                    }
-                    Auth::Bearer(t)
-                }
-                _ => {
+/// `auth` (same keys in both dialects); replaces any client `Authorization`.
+pub(super) fn auth(ctx: &mut Ctx, o: &Obj) -> Auth {
+    let Some(a) = o.obj(ctx, "auth", AUTH_KEYS) else {
+        return Auth::None;
+    };
+    // `type: ""` is `none` (the Go port's validator allows it).
+    let empty = matches!(a.get("type"), Some(Value::String(t)) if t.trim().is_empty());
+    let ty = if empty {
+        AuthType::None
+    } else {
+        a.choice(ctx, "type", AuthType::None, AUTH_TYPES)
+    };
+    match ty {
+        AuthType::None => Auth::None,
+        AuthType::Bearer => match a.opt_str(ctx, "token") {
+            Some(t) if !t.is_empty() => {
+                if http::HeaderValue::from_str(&format!("Bearer {t}")).is_err() {
                     ctx.error(
                         &a.child("token"),
-                        "a non-empty `token` is required when type is bearer",
-                    );
-                    Auth::None
-                }
-            },
-            AuthType::Basic => {
-                let user = a.opt_str(ctx, "username").filter(|s| !s.is_empty());
-                let pass = a.opt_str(ctx, "password").filter(|s| !s.is_empty());
-                if user.is_none() {
-                    ctx.error(
-                        &a.child("username"),
-                        "a non-empty `username` is required when type is basic",
+                        "the token contains characters not allowed in an HTTP header",
                     );
                 }
-                if pass.is_none() {
-                    ctx.error(
-                        &a.child("password"),
-                        "a non-empty `password` is required when type is basic",
-                    );
-                }
-                match (user, pass) {
-                    (Some(u), Some(p)) => {
-                        if u.contains(':') {
-                            ctx.error(
-                                &a.child("username"),
-                                "a Basic auth username cannot contain `:`",
-                            );
-                        }
-                        Auth::Basic {
-                            header_value: url::basic_auth(&u, &p),
-                        }
-                    }
-                    _ => Auth::None,
-                }
+                Auth::Bearer(t)
+            }
+            _ => {
+                ctx.error(
+                    &a.child("token"),
+                    "a non-empty `token` is required when type is bearer",
+                );
+                Auth::None
             }
         },
-    };
+        AuthType::Basic => {
+            let user = a.opt_str(ctx, "username").filter(|s| !s.is_empty());
+            let pass = a.opt_str(ctx, "password").filter(|s| !s.is_empty());
+            if user.is_none() {
+                ctx.error(
+                    &a.child("username"),
+                    "a non-empty `username` is required when type is basic",
+                );
+            }
+            if pass.is_none() {
+                ctx.error(
+                    &a.child("password"),
+                    "a non-empty `password` is required when type is basic",
+                );
+            }
+            match (user, pass) {
+                (Some(u), Some(p)) => {
+                    if u.contains(':') {
+                        ctx.error(
+                            &a.child("username"),
+                            "a Basic auth username cannot contain `:`",
+                        );
+                    }
+                    Auth::Basic {
+                        header_value: url::basic_auth(&u, &p),
+                    }
+                }
+                _ => Auth::None,
+            }
+        }
+    }
+}
 
+/// `headers[]` (same keys in both dialects), in order.
+pub(super) fn header_ops(ctx: &mut Ctx, o: &Obj) -> Vec<HeaderOp> {
     let mut headers = Vec::new();
     if let Some(items) = o.seq(ctx, "headers") {
         for (i, item) in items.iter().enumerate() {
@@ -733,6 +810,57 @@ fn upstream(ctx: &mut Ctx, o: &Obj, tls_configs: &mut TlsConfigs) -> Option<Upst
             }
         }
     }
+    headers
+}
+
+/// An upstream read by either dialect, assembled once every part is known.
+pub(super) struct UpstreamParts {
+    pub name: Option<String>,
+    /// As written (trimmed).
+    pub url: Option<String>,
+    pub parsed: Option<url::ParsedUrl>,
+    pub auth: Auth,
+    pub headers: Vec<HeaderOp>,
+    pub breaker: Breaker,
+    pub ratelimit: Option<UpstreamRateLimit>,
+    pub replace_path: Option<ReplacePath>,
+    /// `Some` exactly when the URL is https and its TLS settings were valid.
+    pub tls: Option<UpstreamTls>,
+}
+
+impl UpstreamParts {
+    pub fn finish(self) -> Option<Upstream> {
+        let parsed = self.parsed?;
+        if parsed.scheme == Scheme::Https && self.tls.is_none() {
+            return None;
+        }
+        Some(Upstream {
+            name: self.name?,
+            url: self.url?,
+            scheme: parsed.scheme,
+            host_header: parsed.host_header(),
+            host: parsed.host.clone(),
+            port: parsed.port,
+            base_path: parsed.path.trim_end_matches('/').to_owned(),
+            auth: self.auth,
+            headers: self.headers,
+            breaker: self.breaker,
+            ratelimit: self.ratelimit,
+            replace_path: self.replace_path,
+            tls: self.tls,
+        })
+    }
+}
+
+fn upstream(ctx: &mut Ctx, o: &Obj, tls_configs: &mut TlsConfigs) -> Option<Upstream> {
+    let name = o.req_str(ctx, "name");
+    let raw_url = o.req_str(ctx, "url");
+    let parsed = raw_url
+        .as_ref()
+        .and_then(|u| upstream_url(ctx, &o.child("url"), u));
+    let _weight = o.u64(ctx, "weight", d::WEIGHT, d::WEIGHT_RANGE);
+    let auth = auth(ctx, o);
+    let headers = header_ops(ctx, o);
 
     let b = o.obj(ctx, "breaker", BREAKER_KEYS);
     let breaker = breaker(ctx, b.as_ref());
@@ -742,10 +870,14 @@ fn upstream(ctx: &mut Ctx, o: &Obj, tls_configs: &mut TlsConfigs) -> Option<Upst
         let _ = http_client(ctx, Some(&c));
     }
 
-    let ratelimit_per_second = o
+    // One second's worth of burst: the only burst this dialect has.
+    let ratelimit = o
         .obj(ctx, "ratelimit", UPSTREAM_RATELIMIT_KEYS)
         .and_then(|r| r.opt_u64(ctx, "per_second", d::UPSTREAM_RATELIMIT_RANGE))
-        .map(|n| n as u32);
+        .map(|n| UpstreamRateLimit {
+            per_second: n as u32,
+            burst: n as u32,
+        });
 
     let t = o.obj(ctx, "tls", UPSTREAM_TLS_KEYS);
     let tls = match parsed.as_ref().map(|p| p.scheme) {
@@ -766,24 +898,18 @@ fn upstream(ctx: &mut Ctx, o: &Obj, tls_configs: &mut TlsConfigs) -> Option<Upst
         None => None,
     };
 
-    let parsed = parsed?;
-    if parsed.scheme == Scheme::Https && tls.is_none() {
-        return None;
-    }
-    Some(Upstream {
-        name: name?,
-        url: raw_url?.trim().to_owned(),
-        scheme: parsed.scheme,
-        host_header: parsed.host_header(),
-        host: parsed.host.clone(),
-        port: parsed.port,
-        base_path: parsed.path.trim_end_matches('/').to_owned(),
+    UpstreamParts {
+        name,
+        url: raw_url.map(|u| u.trim().to_owned()),
+        parsed,
         auth,
         headers,
         breaker,
-        ratelimit_per_second,
+        ratelimit,
+        replace_path: None,
         tls,
-    })
+    }
+    .finish()
 }
 
 fn breaker(ctx: &mut Ctx, b: Option<&Obj>) -> Breaker {
@@ -838,7 +964,9 @@ fn breaker(ctx: &mut Ctx, b: Option<&Obj>) -> Breaker {
     }
 }
 
-fn group(ctx: &mut Ctx, o: &Obj, upstreams: &HashMap<String, usize>) -> Option<Group> {
+/// A group: `name`, `upstreams`, `balance` (same keys in both dialects) and the client settings
+/// read by the dialect's reader.
+fn group(ctx: &mut Ctx, o: &Obj, upstreams: &HashMap<String, usize>, s: &Schema) -> Option<Group> {
     let name = o.req_str(ctx, "name");
     let mut members = Vec::new();
     match o.seq(ctx, "upstreams") {
@@ -866,7 +994,14 @@ fn group(ctx: &mut Ctx, o: &Obj, upstreams: &HashMap<String, usize>) -> Option<G
                 let Some(m) = Obj::new(ctx, Some(item), p.clone(), MEMBER_KEYS) else {
                     continue;
                 };
-                let weight = m.u64(ctx, "weight", d::WEIGHT, d::WEIGHT_RANGE);
+                // The Go port fills a zero weight with the default.
+                let go_zero = ctx.dialect == Dialect::GoPort
+                    && m.get("weight").and_then(Value::as_u64) == Some(0);
+                let weight = if go_zero {
+                    d::WEIGHT
+                } else {
+                    m.u64(ctx, "weight", d::WEIGHT, d::WEIGHT_RANGE)
+                };
                 if let Some(n) = m.req_str(ctx, "name") {
                     if let Some(mem) =
                         member(ctx, &m.child("name"), &n, weight, upstreams, &mut seen, i)
@@ -881,8 +1016,8 @@ fn group(ctx: &mut Ctx, o: &Obj, upstreams: &HashMap<String, usize>) -> Option<G
         Some(b) => b.choice(ctx, "strategy", Strategy::RoundRobin, STRATEGIES),
         None => Strategy::RoundRobin,
     };
-    let c = o.obj(ctx, "http_client", CLIENT_KEYS);
-    let client = http_client(ctx, c.as_ref());
+    let c = o.obj(ctx, s.client, s.client_keys);
+    let client = (s.http_client)(ctx, c.as_ref());
     Some(Group {
         name: name?,
         members,
@@ -931,18 +1066,7 @@ fn http_client(ctx: &mut Ctx, c: Option<&Obj>) -> HttpClient {
         o.map_or(def, |o| o.u64(ctx, key, def, range))
     };
 
-    let agent = match c.and_then(|c| c.opt_str(ctx, "agent").map(|a| (a, c.child("agent")))) {
-        Some((a, path)) => {
-            if http::HeaderValue::from_str(&a).is_err() {
-                ctx.error(
-                    &path,
-                    "not a valid HTTP header value (control characters or non-ASCII)",
-                );
-            }
-            a
-        }
-        None => d::AGENT.to_owned(),
-    };
+    let agent = agent(ctx, c);
     let keepalive = u(ctx, c, "keepalive", d::KEEPALIVE_S, d::KEEPALIVE_RANGE);
     let stream = match c {
         None => d::STREAM,
@@ -1026,45 +1150,7 @@ fn http_client(ctx: &mut Ctx, c: Option<&Obj>) -> HttpClient {
 
     let proxy = c
         .and_then(|c| c.obj(ctx, "proxy", PROXY_KEYS))
-        .and_then(|p| {
-            let enabled = p.bool(ctx, "enabled", d::PROXY_ENABLED);
-            let raw = p.opt_str(ctx, "url").filter(|s| !s.trim().is_empty());
-            let Some(raw) = raw else {
-                if enabled {
-                    ctx.error(
-                        &p.child("url"),
-                        "a proxy `url` is required when the proxy is enabled",
-                    );
-                }
-                return None;
-            };
-            // Checked even when disabled, so `-t` catches it before someone flips `enabled`.
-            let parsed = match url::parse(&raw) {
-                Ok(u) if u.scheme != Scheme::Http => {
-                    ctx.error(&p.child("url"), "only http:// proxies are supported");
-                    return None;
-                }
-                Ok(u) if !(u.path.is_empty() || u.path == "/") => {
-                    ctx.error(&p.child("url"), "a proxy URL cannot have a path");
-                    return None;
-                }
-                Ok(u) => u,
-                Err(e) => {
-                    ctx.error(&p.child("url"), e);
-                    return None;
-                }
-            };
-            let authorization = parsed
-                .credentials
-                .as_ref()
-                .map(|(u, pw)| url::basic_auth(u, pw));
-            enabled.then(|| Proxy {
-                display_url: parsed.origin(),
-                host: parsed.host.clone(),
-                port: parsed.port,
-                authorization,
-            })
-        });
+        .and_then(|p| proxy(ctx, &p));
 
     HttpClient {
         agent,
@@ -1081,7 +1167,64 @@ fn http_client(ctx: &mut Ctx, c: Option<&Obj>) -> HttpClient {
     }
 }
 
-fn runtime(ctx: &mut Ctx, r: Option<&Obj>) -> Runtime {
+/// `proxy` (keys `url` and, in the snake_case dialect, `enabled`).
+pub(super) fn proxy(ctx: &mut Ctx, p: &Obj) -> Option<Proxy> {
+    let enabled = p.bool(ctx, "enabled", d::PROXY_ENABLED);
+    let raw = p.opt_str(ctx, "url").filter(|s| !s.trim().is_empty());
+    let Some(raw) = raw else {
+        if enabled {
+            ctx.error(
+                &p.child("url"),
+                "a proxy `url` is required when the proxy is enabled",
+            );
+        }
+        return None;
+    };
+    // Checked even when disabled, so `-t` catches it before someone flips `enabled`.
+    let parsed = match url::parse(&raw) {
+        Ok(u) if u.scheme != Scheme::Http => {
+            ctx.error(&p.child("url"), "only http:// proxies are supported");
+            return None;
+        }
+        Ok(u) if !(u.path.is_empty() || u.path == "/") => {
+            ctx.error(&p.child("url"), "a proxy URL cannot have a path");
+            return None;
+        }
+        Ok(u) => u,
+        Err(e) => {
+            ctx.error(&p.child("url"), e);
+            return None;
+        }
+    };
+    let authorization = parsed
+        .credentials
+        .as_ref()
+        .map(|(u, pw)| url::basic_auth(u, pw));
+    enabled.then(|| Proxy {
+        display_url: parsed.origin(),
+        host: parsed.host.clone(),
+        port: parsed.port,
+        authorization,
+    })
+}
+
+/// `agent` (same key in both dialects): the outgoing `User-Agent`.
+pub(super) fn agent(ctx: &mut Ctx, c: Option<&Obj>) -> String {
+    match c.and_then(|c| c.opt_str(ctx, "agent").map(|a| (a, c.child("agent")))) {
+        Some((a, path)) => {
+            if http::HeaderValue::from_str(&a).is_err() {
+                ctx.error(
+                    &path,
+                    "not a valid HTTP header value (control characters or non-ASCII)",
+                );
+            }
+            a
+        }
+        None => d::AGENT.to_owned(),
+    }
+}
+
+pub(super) fn runtime(ctx: &mut Ctx, r: Option<&Obj>) -> Runtime {
     let u = |ctx: &mut Ctx, key: &str, def: u64, range: (u64, u64)| {
         r.map_or(def, |r| r.u64(ctx, key, def, range))
     };

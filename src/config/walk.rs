@@ -3,15 +3,59 @@
 
 use serde_yaml::{Mapping, Value};
 
+use super::model::Dialect;
 use super::ConfigError;
 
-/// Collected errors of one load.
-#[derive(Debug, Default)]
+/// Collected errors (and warnings) of one load.
+#[derive(Debug)]
 pub(crate) struct Ctx {
     pub errors: Vec<ConfigError>,
+    /// Warnings by message, each with the paths it applies to, in first-seen order.
+    pub warnings: Vec<(&'static str, Vec<String>)>,
+    /// The file's dialect, for hints on keys spelled the other dialect's way.
+    pub dialect: Dialect,
+}
+
+impl Default for Ctx {
+    fn default() -> Self {
+        Ctx {
+            errors: Vec::new(),
+            warnings: Vec::new(),
+            dialect: Dialect::LlmProxy,
+        }
+    }
 }
 
 impl Ctx {
+    /// Records that the setting at `path` is accepted but `message` (what it does not do).
+    pub fn warn(&mut self, path: &str, message: &'static str) {
+        match self.warnings.iter_mut().find(|(m, _)| *m == message) {
+            Some((_, paths)) => paths.push(path.to_owned()),
+            None => self.warnings.push((message, vec![path.to_owned()])),
+        }
+    }
+
+    /// The warnings as log lines: `path, path: message`.
+    pub fn warning_lines(&self) -> Vec<String> {
+        self.warnings
+            .iter()
+            .map(|(m, paths)| format!("{}: {m}", paths.join(", ")))
+            .collect()
+    }
+
+    /// A note for an unknown key spelled the other dialect's way.
+    fn dialect_note(&self, key: &str) -> &'static str {
+        match self.dialect {
+            Dialect::GoPort if key.contains('_') => {
+                " (this file uses llmproxy-go's camelCase keys, found from `httpServer`/`upstreamGroups`)"
+            }
+            Dialect::LlmProxy if key.chars().any(|c| c.is_ascii_uppercase()) => {
+                " (this file uses LLMProxy's snake_case keys; llmproxy-go's camelCase keys need `httpServer`/`upstreamGroups` at the top)"
+            }
+            _ => "",
+        }
+    }
+
     pub fn error(&mut self, path: &str, message: impl Into<String>) {
         self.errors.push(ConfigError {
             path: if path.is_empty() {
@@ -98,13 +142,26 @@ pub(crate) fn edit_distance(a: &str, b: &str) -> usize {
     t[a.len() * w + b.len()]
 }
 
-/// The closest known key within a small edit distance, for "did you mean" hints.
+/// Lower case without `_` and `-`: `per_second`, `perSecond` and `PerSecond` are one key.
+fn fold(key: &str) -> String {
+    key.chars()
+        .filter(|c| *c != '_' && *c != '-')
+        .map(|c| c.to_ascii_lowercase())
+        .collect()
+}
+
+/// The closest known key: the same key in another case style, else one within a small edit
+/// distance, for "did you mean" hints.
 pub(crate) fn suggest<'k>(key: &str, known: &[&'k str]) -> Option<&'k str> {
+    let folded = fold(key);
+    if let Some(k) = known.iter().find(|k| fold(k) == folded) {
+        return Some(k);
+    }
     let limit = if key.chars().count() <= 4 { 1 } else { 2 };
     let lower = key.to_ascii_lowercase();
     known
         .iter()
-        .map(|k| (edit_distance(&lower, k), *k))
+        .map(|k| (edit_distance(&lower, &k.to_ascii_lowercase()), *k))
         .filter(|(d, _)| *d <= limit)
         .min_by_key(|(d, _)| *d)
         .map(|(_, k)| k)
@@ -151,9 +208,10 @@ impl<'a> Obj<'a> {
                 Some(s) => format!("; did you mean `{s}`?"),
                 None => format!("; expected one of: {}", known.join(", ")),
             };
+            let note = ctx.dialect_note(&name);
             ctx.error(
                 &key_path(&path, &name),
-                format!("unknown key `{name}`{hint}"),
+                format!("unknown key `{name}`{hint}{note}"),
             );
         }
         Some(Obj { map, path })

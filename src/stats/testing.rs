@@ -25,7 +25,8 @@ fn upstream(name: &str, port: u16) -> Upstream {
             consecutive_failures: 5,
             count_429: true,
         },
-        ratelimit_per_second: None,
+        ratelimit: None,
+        replace_path: None,
         tls: None,
     }
 }
@@ -89,5 +90,7 @@ pub(crate) fn test_config() -> Config {
             tick: Duration::from_millis(20),
             shutdown_timeout: Duration::from_secs(30),
         },
+        dialect: Dialect::LlmProxy,
+        warnings: Vec::new(),
     }
 }

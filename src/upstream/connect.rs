@@ -73,7 +73,8 @@ impl Egress {
                 }
                 Err(e) => {
                     errors.push(format!(
-                        "upstream_groups[{gi}].http_client.proxy.url: {e} (proxy {})",
+                        "{}: {e} (proxy {})",
+                        cfg.dialect.group_proxy_url_path(gi),
                         p.display_url
                     ));
                     group_via.push(usize::MAX);

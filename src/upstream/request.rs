@@ -58,7 +58,11 @@ pub fn encode_request_head(out: &mut BytesMut, req: &http::request::Parts, o: &O
         out.extend_from_slice(b"http://");
         out.extend_from_slice(o.upstream.host_header.as_bytes());
     }
-    join_path(&o.upstream.base_path, pq, out);
+    // Go dialect only: the URL's own path replaces the client's (decided at config load).
+    match &o.upstream.replace_path {
+        None => join_path(&o.upstream.base_path, pq, out),
+        Some(r) => r.write(pq, out),
+    }
     out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
     out.extend_from_slice(o.upstream.host_header.as_bytes());
     out.extend_from_slice(b"\r\n");
