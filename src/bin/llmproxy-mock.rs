@@ -11,7 +11,7 @@ use llmproxy::mock::{run, MockConfig};
 /// Every knob can be overridden per request with a header:
 /// x-mock-ttft-ms, x-mock-gap-ms, x-mock-tokens, x-mock-status,
 /// x-mock-error-rate, x-mock-cut-after, x-mock-framing (chunked|length|close),
-/// x-mock-close, x-mock-delay-ms, x-mock-body-bytes, x-mock-retry-after.
+/// x-mock-close, x-mock-delay-ms, x-mock-body-bytes, x-mock-retry-after, x-mock-stamp.
 #[derive(Debug, Parser)]
 #[command(name = "llmproxy-mock", version)]
 struct Cli {
@@ -44,6 +44,10 @@ struct Cli {
     /// at its max_num_seqs.
     #[arg(long, default_value_t = 0)]
     max_concurrency: usize,
+    /// Put a `: t=<CLOCK_MONOTONIC ns>` SSE comment line in front of every event, stamped just
+    /// before its write (per-event latency measurements on one machine).
+    #[arg(long)]
+    stamp: bool,
 }
 
 fn main() -> ExitCode {
@@ -79,6 +83,7 @@ fn main() -> ExitCode {
         error_rate,
         cut_after: cli.cut_after,
         max_concurrency: cli.max_concurrency,
+        stamp: cli.stamp,
     };
     match run(cfg) {
         Ok(()) => ExitCode::SUCCESS,

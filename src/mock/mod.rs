@@ -44,6 +44,8 @@ pub struct MockConfig {
     pub cut_after: u64,
     /// Streams generated at once (0 = unlimited); more wait in a queue.
     pub max_concurrency: usize,
+    /// Stamp each SSE event with its send time (`: t=<CLOCK_MONOTONIC ns>` comment line).
+    pub stamp: bool,
 }
 
 impl Default for MockConfig {
@@ -58,6 +60,7 @@ impl Default for MockConfig {
             error_rate: 0.0,
             cut_after: 0,
             max_concurrency: 0,
+            stamp: false,
         }
     }
 }
