@@ -345,15 +345,38 @@ impl SseOut {
     }
 }
 
+/// How the connections of an SSE load are spread in time.
+#[derive(Clone, Copy)]
+pub struct Stagger {
+    /// Global index of this thread's first connection.
+    pub first: usize,
+    /// Connections over all threads.
+    pub total: usize,
+    /// The mock's gap between events, ns.
+    pub gap_ns: u64,
+}
+
 /// `conns` connections on this thread, each running streams of `events` events back to back
 /// until `w.t1`. Streams started inside the window are measured (they may end after it).
-pub async fn sse(port: u16, req: Rc<Vec<u8>>, conns: usize, events: usize, w: Window) -> SseOut {
+/// Connection k starts `k/total` of a gap late, so the streams' events are spread over the gap
+/// like independent clients' (in phase, every stream's event would fall in the same timer tick
+/// of the mock and reach the proxy as one burst).
+pub async fn sse(
+    port: u16,
+    req: Rc<Vec<u8>>,
+    conns: usize,
+    stagger: Stagger,
+    events: usize,
+    w: Window,
+) -> SseOut {
     let handles: Vec<_> = (0..conns)
-        .map(|_| {
+        .map(|k| {
             let req = req.clone();
+            let delay = stagger.gap_ns * (stagger.first + k) as u64 / stagger.total.max(1) as u64;
             monoio::spawn(async move {
                 let mut out = SseOut::new();
                 let mut c = Client { port, conn: None };
+                monoio::time::sleep(Duration::from_nanos(delay)).await;
                 loop {
                     let start = now_ns();
                     if start >= w.t1 {

@@ -109,7 +109,19 @@ fn main() {
             );
         }
     }
-    let placement = Placement::new(sys::allowed_cpus());
+    let mut placement = Placement::new(sys::allowed_cpus());
+    // LLMPROXY_BENCH_GEN_CPUS / _MOCK_CPUS=1,2: override where the generator / the mock run.
+    for (var, slot) in [
+        ("LLMPROXY_BENCH_GEN_CPUS", &mut placement.generator),
+        ("LLMPROXY_BENCH_MOCK_CPUS", &mut placement.mock),
+    ] {
+        if let Ok(v) = std::env::var(var) {
+            let cpus: Vec<usize> = v.split(',').filter_map(|c| c.trim().parse().ok()).collect();
+            if !cpus.is_empty() {
+                *slot = cpus;
+            }
+        }
+    }
     let gen = GenPlan {
         threads: gen_threads.unwrap_or(placement.generator.len()).max(1),
         cpus: placement.generator.clone(),

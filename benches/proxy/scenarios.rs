@@ -39,7 +39,31 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// The plan for a full or `--quick` run; `LLMPROXY_BENCH_SSE_STREAMS`, `_SSE_GAP_MS`,
+    /// `_IDLE_CONNS` and `_OPEN_STREAMS` override the sizes.
     pub fn new(quick: bool) -> Plan {
+        let mut p = Plan::base(quick);
+        let env = |k: &str| {
+            std::env::var(format!("LLMPROXY_BENCH_{k}"))
+                .ok()
+                .and_then(|v| v.parse::<usize>().ok())
+        };
+        if let Some(v) = env("SSE_STREAMS") {
+            p.sse_streams = v.max(1);
+        }
+        if let Some(v) = env("SSE_GAP_MS") {
+            p.sse_gap_ms = v as u64;
+        }
+        if let Some(v) = env("IDLE_CONNS") {
+            p.idle_conns = v.max(1);
+        }
+        if let Some(v) = env("OPEN_STREAMS") {
+            p.open_streams = v.max(1);
+        }
+        p
+    }
+
+    fn base(quick: bool) -> Plan {
         let ms = Duration::from_millis;
         if quick {
             Plan {
@@ -469,7 +493,19 @@ pub fn sse_run(ctx: &Ctx, t: &Target) -> Run {
                 ("x-mock-stamp", "1".into()),
             ],
         );
-        load::sse(port, req, load::share(streams, i, n), tokens + 1, w)
+        let stagger = load::Stagger {
+            first: (0..i).map(|j| load::share(streams, j, n)).sum(),
+            total: streams,
+            gap_ns: gap * 1_000_000,
+        };
+        load::sse(
+            port,
+            req,
+            load::share(streams, i, n),
+            stagger,
+            tokens + 1,
+            w,
+        )
     });
     sleep_until_ns(w.t0);
     let cpu = CpuSampler::start(t.pid, ctx.mock.pid(), gen.tids());
