@@ -39,7 +39,7 @@ for data in "$OUT"/*-llmproxyd.perf.data; do
   perf script -i "$data" 2>/dev/null | inferno-collapse-perf | inferno-flamegraph --title "llmproxyd: $name ($LLMPROXY_PERF_EVENT)" >"$OUT/$name.svg"
   {
     echo "# perf report --no-children --sort dso,symbol, $name, event $LLMPROXY_PERF_EVENT"
-    perf report -i "$data" --no-children -g none --sort dso,symbol --percent-limit 0.7 --stdio 2>/dev/null | grep -v '^$' | grep -v '^#' | grep '%' | head -40
+    perf report -i "$data" --no-children -g none --sort dso,symbol --percent-limit 0.7 --stdio 2>/dev/null | grep -v '^$' | grep -v '^#' | grep '%' | sed -E 's/ +- +- *$//' | head -40
   } >"$OUT/$name.txt"
   rm -f "$data"
   echo "wrote $OUT/$name.svg and $OUT/$name.txt"

@@ -26,6 +26,8 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct GenPlan {
     pub threads: usize,
     pub cpus: Vec<usize>,
+    /// The epoll driver instead of io_uring.
+    pub epoll: bool,
 }
 
 /// Running generator threads.
@@ -67,6 +69,7 @@ where
             let make = make.clone();
             let tids = tids.clone();
             let joined = joined.clone();
+            let epoll = plan.epoll;
             let cpus = plan.cpus.clone();
             std::thread::Builder::new()
                 .name(format!("loadgen-{i}"))
@@ -75,12 +78,20 @@ where
                         sys::pin_current_thread(&cpus);
                     }
                     tids.lock().unwrap().push(sys::gettid());
-                    let mut rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
-                        .with_entries(4096)
-                        .enable_timer()
-                        .build()
-                        .expect("load generator runtime");
-                    let r = rt.block_on(make(i, n));
+                    let r = if epoll {
+                        monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+                            .enable_timer()
+                            .build()
+                            .expect("load generator runtime (epoll)")
+                            .block_on(make(i, n))
+                    } else {
+                        monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+                            .with_entries(4096)
+                            .enable_timer()
+                            .build()
+                            .expect("load generator runtime")
+                            .block_on(make(i, n))
+                    };
                     while !joined.load(Ordering::SeqCst) {
                         std::thread::sleep(Duration::from_millis(1));
                     }

@@ -125,6 +125,7 @@ fn main() {
     let gen = GenPlan {
         threads: gen_threads.unwrap_or(placement.generator.len()).max(1),
         cpus: placement.generator.clone(),
+        epoll: std::env::var("LLMPROXY_BENCH_GEN_DRIVER").is_ok_and(|v| v == "epoll"),
     };
     let plan = Plan::new(quick);
     let mut proxies = vec![Kind::Llmproxyd { shards: 1 }];

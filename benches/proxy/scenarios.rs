@@ -565,7 +565,7 @@ fn hold_run(ctx: &Ctx, t: &Target, n: usize, streams: bool) -> Run {
     let warm = load::spawn(
         &GenPlan {
             threads: 1,
-            cpus: ctx.gen.cpus.clone(),
+            ..ctx.gen.clone()
         },
         move |_, _| {
             load::rr(
