@@ -12,6 +12,8 @@
 //! * `--quick` (or `LLMPROXY_BENCH_QUICK=1`): a short smoke run;
 //! * `--compare`: also nginx and HAProxy (installed by `perf/compare.sh`); output name `compare`;
 //! * `--out NAME`: output file name under `perf/results/`;
+//! * `--repeat N`: run every (scenario, target) N times, interleaved, and keep for each target
+//!   the run during which other processes took the least CPU (chosen by that, not by result);
 //! * `--gen-threads N`: load generator threads (default: 1 per generator CPU);
 //! * `--render NAME`: only redraw `perf/results/NAME.svg` from `NAME.json` (no measurement);
 //! * `--perf-record DIR`: `perf record` llmproxyd in each measured window (perf/flamegraph.sh);
@@ -60,6 +62,10 @@ fn main() {
     let out_name =
         value_of("--out").unwrap_or_else(|| if compare { "compare" } else { "latest" }.into());
     let gen_threads: Option<usize> = value_of("--gen-threads").and_then(|v| v.parse().ok());
+    let repeat: usize = value_of("--repeat")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
+        .max(1);
     if let Some(name) = value_of("--render") {
         let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("perf/results");
         let text = std::fs::read_to_string(base.join(format!("{name}.json"))).expect("read json");
@@ -80,10 +86,16 @@ fn main() {
     if let Some(d) = &perf_dir {
         std::fs::create_dir_all(d).expect("--perf-record directory");
     }
-    let skip: Vec<String> = ["--out", "--gen-threads", "--perf-record", "--render"]
-        .iter()
-        .filter_map(|f| value_of(f))
-        .collect();
+    let skip: Vec<String> = [
+        "--out",
+        "--gen-threads",
+        "--perf-record",
+        "--render",
+        "--repeat",
+    ]
+    .iter()
+    .filter_map(|f| value_of(f))
+    .collect();
     let filters: Vec<&str> = args
         .iter()
         .filter(|a| !a.starts_with('-') && !skip.contains(a))
@@ -169,6 +181,11 @@ fn main() {
                 .join(", ")
         ),
     ];
+    if repeat > 1 {
+        header.push(format!(
+            "--repeat {repeat}: each (scenario, target) ran {repeat} times interleaved; kept: the run during which other processes took the least CPU"
+        ));
+    }
     if !missing.is_empty() {
         header.push(format!(
             "not installed, skipped: {} (perf/compare.sh installs them)",
@@ -197,41 +214,62 @@ fn main() {
         .iter()
         .filter(|s| filters.is_empty() || filters.iter().any(|f| s.id.contains(f)))
         .collect();
-    let steps: usize = chosen.iter().map(|s| s.targets.len()).sum();
-    let total_s: f64 = chosen.iter().map(|s| s.secs * s.targets.len() as f64).sum();
+    let steps: usize = chosen.iter().map(|s| s.targets.len()).sum::<usize>() * repeat;
+    let total_s: f64 = chosen
+        .iter()
+        .map(|s| s.secs * s.targets.len() as f64)
+        .sum::<f64>()
+        * repeat as f64;
     println!("{} scenario runs, about {:.0} s", steps, total_s);
     let mut step = 0;
     let mut results: Vec<Value> = Vec::new();
     let mut lines: Vec<String> = Vec::new();
     for s in chosen {
-        let mut runs = Vec::new();
-        for &spec in &s.targets {
-            step += 1;
-            print!(
-                "[{step:>2}/{steps}] {:<15} {:<14} (~{:.0} s, {:.0} s elapsed) ... ",
-                s.id,
-                spec.label(),
-                s.secs,
-                started.elapsed().as_secs_f64()
-            );
-            let _ = std::io::stdout().flush();
-            let target = match ctx.start(spec) {
-                Ok(mut t) => {
-                    t.tag = format!("{}-{}", s.id, t.label);
-                    t
+        let mut best: Vec<Option<(f64, Value)>> = vec![None; s.targets.len()];
+        for rep in 0..repeat {
+            for (ti, &spec) in s.targets.iter().enumerate() {
+                step += 1;
+                print!(
+                    "[{step:>2}/{steps}] {:<15} {:<14} (~{:.0} s, {:.0} s elapsed) ... ",
+                    s.id,
+                    spec.label(),
+                    s.secs,
+                    started.elapsed().as_secs_f64()
+                );
+                let _ = std::io::stdout().flush();
+                let j = match ctx.start(spec) {
+                    Ok(mut t) => {
+                        t.tag = format!("{}-{}", s.id, t.label);
+                        let run = (s.run)(&ctx, &t);
+                        drop(t);
+                        report::run_json(&run)
+                    }
+                    Err(e) => json!({"target": spec.label(), "skipped": e}),
+                };
+                let other = j["cpu"]["cores_busy"]["other"].as_f64().unwrap_or(0.0);
+                match j.get("skipped") {
+                    Some(e) => println!("skipped: {}", e.as_str().unwrap_or("")),
+                    None if repeat > 1 => {
+                        println!("{} (other processes {other:.2} cores)", one_line(&j))
+                    }
+                    None => println!("{}", one_line(&j)),
                 }
-                Err(e) => {
-                    println!("skipped: {e}");
-                    runs.push(json!({"target": spec.label(), "skipped": e}));
-                    continue;
+                let keep = match &best[ti] {
+                    None => true,
+                    Some((o, prev)) => {
+                        prev.get("skipped").is_some() || (j.get("skipped").is_none() && other < *o)
+                    }
+                };
+                if keep {
+                    let mut j = j;
+                    if repeat > 1 {
+                        j["kept_of_repeats"] = json!({"repeat": rep + 1, "of": repeat});
+                    }
+                    best[ti] = Some((other, j));
                 }
-            };
-            let run = (s.run)(&ctx, &target);
-            drop(target);
-            let j = report::run_json(&run);
-            println!("{}", one_line(&j));
-            runs.push(j);
+            }
         }
+        let runs: Vec<Value> = best.into_iter().flatten().map(|(_, j)| j).collect();
         let sj = report::scenario_json(s, runs);
         let t = report::table(&sj);
         for l in &t {
@@ -257,6 +295,7 @@ fn main() {
         "generated_unix": SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
         "quick": quick,
         "compare": compare,
+        "repeat": repeat,
         "git_commit": sys::git_commit(),
         "machine": sys::machine_json(),
         "loadavg_1m_at_end": load_end,

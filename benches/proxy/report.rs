@@ -39,7 +39,19 @@ pub fn pct_json(h: &Histogram<u64>) -> Value {
     Value::Object(m)
 }
 
-fn cpu_json(c: &CpuWindow, work: Option<(u64, &str)>, rate_unit: Option<&str>) -> Value {
+/// Cores the rest of the machine kept busy during the window (other processes: on a shared
+/// machine, the disturbance). For "direct" the target is the mock: not counted twice.
+pub fn other_cores(c: &CpuWindow, direct: bool) -> f64 {
+    let ours = c.target + c.generator + if direct { 0.0 } else { c.mock };
+    ((c.machine - ours) / c.secs).max(0.0)
+}
+
+fn cpu_json(
+    c: &CpuWindow,
+    work: Option<(u64, &str)>,
+    rate_unit: Option<&str>,
+    direct: bool,
+) -> Value {
     let busy = |s: f64| r2(s / c.secs);
     let mut m = Map::new();
     m.insert("window_s".into(), json!(r2(c.secs)));
@@ -65,6 +77,7 @@ fn cpu_json(c: &CpuWindow, work: Option<(u64, &str)>, rate_unit: Option<&str>) -
             "generator": busy(c.generator),
             "machine": busy(c.machine),
             "steal": busy(c.steal),
+            "other": r2(other_cores(c, direct)),
         }),
     );
     if let Some((n, unit)) = work {
@@ -115,7 +128,12 @@ pub fn run_json(r: &Run) -> Value {
     if let Some(c) = &r.cpu {
         m.insert(
             "cpu".into(),
-            cpu_json(c, r.work, r.rate.map(|(_, u)| u.trim_end_matches("/s"))),
+            cpu_json(
+                c,
+                r.work,
+                r.rate.map(|(_, u)| u.trim_end_matches("/s")),
+                r.target == "direct",
+            ),
         );
     }
     if let Some((n, u)) = r.work {
@@ -373,11 +391,12 @@ pub fn table(s: &Value) -> Vec<String> {
     for r in &runs {
         let c = &r["cpu"]["cores_busy"];
         let mut line = format!(
-            "  {:<14} cores busy: target {:.2}, mock {:.2}, generator {:.2}; machine {:.2} (steal {:.2})",
+            "  {:<14} cores busy: target {:.2}, mock {:.2}, generator {:.2}, other processes {:.2}; machine {:.2} (steal {:.2})",
             r["target"].as_str().unwrap_or("?"),
             c["target"].as_f64().unwrap_or(f64::NAN),
             c["mock"].as_f64().unwrap_or(f64::NAN),
             c["generator"].as_f64().unwrap_or(f64::NAN),
+            c["other"].as_f64().unwrap_or(f64::NAN),
             c["machine"].as_f64().unwrap_or(f64::NAN),
             c["steal"].as_f64().unwrap_or(f64::NAN),
         );
@@ -536,7 +555,31 @@ pub fn verdicts(scen: &[Value]) -> Vec<(String, String, Option<bool>)> {
         }
         _ => v.push(("(e) scaling".into(), "not measured".into(), None)),
     }
+    for (t, m, _) in &mut v {
+        let id = match t.get(..3) {
+            Some("(a)") => "a_json_64c",
+            Some("(b)") => "b_seq_1c",
+            Some("(c)") => "c_sse",
+            Some("(e)") => "e_shards",
+            _ => continue,
+        };
+        if m.starts_with('-') {
+            m.push_str(" (below zero: the direct run was the more disturbed one)");
+        }
+        if let Some(o) = disturbance(scen, id).filter(|o| *o >= 0.1) {
+            let _ = write!(m, " [other processes took up to {o:.2} cores]");
+        }
+    }
     v
+}
+
+/// The most CPU other processes took during any measured window of scenario `id`.
+pub fn disturbance(scen: &[Value], id: &str) -> Option<f64> {
+    scen.iter().find(|s| s["id"] == id)?["runs"]
+        .as_array()?
+        .iter()
+        .filter_map(|r| r["cpu"]["cores_busy"]["other"].as_f64())
+        .reduce(f64::max)
 }
 
 pub fn verdict_lines(v: &[(String, String, Option<bool>)]) -> Vec<String> {
