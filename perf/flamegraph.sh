@@ -38,7 +38,11 @@ for data in "$OUT"/*-llmproxyd.perf.data; do
   name=$(basename "$data" .perf.data)
   perf script -i "$data" 2>/dev/null | inferno-collapse-perf | inferno-flamegraph --title "llmproxyd: $name ($LLMPROXY_PERF_EVENT)" >"$OUT/$name.svg"
   {
-    echo "# perf report --no-children --sort dso,symbol, $name, event $LLMPROXY_PERF_EVENT"
+    echo "# perf report --no-children --sort dso, $name, event $LLMPROXY_PERF_EVENT"
+    perf report -i "$data" --no-children -g none --sort dso --stdio 2>/dev/null | grep '%' | grep -v '^#' | sed -E 's/ +- +- *$//' | head -8
+    echo "# perf report --no-children --dsos llmproxyd --sort symbol (share of all samples)"
+    perf report -i "$data" --no-children -g none --dsos llmproxyd --sort symbol --percent-limit 0.3 --stdio 2>/dev/null | grep '%' | grep -v '^#' | sed -E 's/ +- +- *$//' | head -15
+    echo "# perf report --no-children --sort dso,symbol"
     perf report -i "$data" --no-children -g none --sort dso,symbol --percent-limit 0.7 --stdio 2>/dev/null | grep -v '^$' | grep -v '^#' | grep '%' | sed -E 's/ +- +- *$//' | head -40
   } >"$OUT/$name.txt"
   rm -f "$data"

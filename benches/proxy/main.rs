@@ -203,6 +203,7 @@ fn main() {
             placement: &placement,
             driver: driver.as_deref(),
             nofile: soft,
+            proxy_cpu: None,
         },
         mock: &mock,
         plan: &plan,
@@ -237,7 +238,7 @@ fn main() {
                     started.elapsed().as_secs_f64()
                 );
                 let _ = std::io::stdout().flush();
-                let j = match ctx.start(spec) {
+                let j = match ctx.start(spec, s.same_core) {
                     Ok(mut t) => {
                         t.tag = format!("{}-{}", s.id, t.label);
                         let run = (s.run)(&ctx, &t);

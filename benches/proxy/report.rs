@@ -496,6 +496,13 @@ pub fn verdicts(scen: &[Value]) -> Vec<(String, String, Option<bool>)> {
             None => v.push((row, "not measured".into(), None)),
         }
     }
+    for (p, lim) in [("p50", 15.0), ("p99", 50.0)] {
+        let row = format!("(b') same, proxy on the generator's core: {p} <= {lim} µs");
+        match added(scen, "b1_seq_1c_same_core", "request", p) {
+            Some(x) => v.push((row, us(x), Some(x <= lim))),
+            None => v.push((row, "not measured".into(), None)),
+        }
+    }
     // (c)
     for (key, lim, name) in [
         ("event", 50.0, "per-event latency"),
@@ -559,6 +566,7 @@ pub fn verdicts(scen: &[Value]) -> Vec<(String, String, Option<bool>)> {
         let id = match t.get(..3) {
             Some("(a)") => "a_json_64c",
             Some("(b)") => "b_seq_1c",
+            Some("(b'") => "b1_seq_1c_same_core",
             Some("(c)") => "c_sse",
             Some("(e)") => "e_shards",
             _ => continue,

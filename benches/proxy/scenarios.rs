@@ -136,7 +136,9 @@ pub struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
-    pub fn start(&self, spec: TargetSpec) -> Result<Target, String> {
+    /// Starts a fresh target; `same_core`: the proxy runs on the mock's (and the generator's)
+    /// CPU.
+    pub fn start(&self, spec: TargetSpec, same_core: bool) -> Result<Target, String> {
         match spec {
             TargetSpec::Direct => Ok(Target {
                 label: spec.label(),
@@ -146,7 +148,11 @@ impl Ctx<'_> {
                 tag: String::new(),
             }),
             TargetSpec::Proxy(kind) => {
-                let s = Service::start(kind, &self.env)?;
+                let env = Env {
+                    proxy_cpu: same_core.then(|| self.env.placement.mock[0]),
+                    ..self.env
+                };
+                let s = Service::start(kind, &env)?;
                 Ok(Target {
                     label: s.label(),
                     port: s.port,
@@ -166,6 +172,8 @@ pub struct Scenario {
     pub targets: Vec<TargetSpec>,
     /// Rough duration per target, for the progress line.
     pub secs: f64,
+    /// The proxy runs on the CPU of the mock and the generator (no cross-core hop).
+    pub same_core: bool,
     pub run: fn(&Ctx, &Target) -> Run,
 }
 
@@ -183,6 +191,7 @@ pub fn all(plan: &Plan, proxies: &[Kind]) -> Vec<Scenario> {
             description: "non-streaming POST /v1/chat/completions (90 B body, ~345 B answer), closed loop on 64 keep-alive connections".into(),
             targets: with_direct.clone(),
             secs: s(plan.rr_dur, plan.rr_warmup),
+            same_core: false,
             run: |c, t| rr_run(c, t, 64, c.plan.rr_warmup, c.plan.rr_dur),
         },
         Scenario {
@@ -191,6 +200,18 @@ pub fn all(plan: &Plan, proxies: &[Kind]) -> Vec<Scenario> {
             description: "the same request, one keep-alive connection, one request at a time".into(),
             targets: with_direct.clone(),
             secs: s(plan.seq_dur, plan.seq_warmup),
+            same_core: false,
+            run: |c, t| rr_run(c, t, 1, c.plan.seq_warmup, c.plan.seq_dur),
+        },
+        Scenario {
+            id: "b1_seq_1c_same_core",
+            title: "b') one connection, sequential, the proxy on the same core as the mock and the generator".into(),
+            description: "scenario b with the proxy pinned to the CPU of the mock and the load generator: every hop is a \
+                          switch on one core instead of a wake-up of the other (idle) core, so what is added is the proxy's own work"
+                .into(),
+            targets: with_direct.clone(),
+            secs: s(plan.seq_dur, plan.seq_warmup),
+            same_core: true,
             run: |c, t| rr_run(c, t, 1, c.plan.seq_warmup, c.plan.seq_dur),
         },
         Scenario {
@@ -206,6 +227,7 @@ pub fn all(plan: &Plan, proxies: &[Kind]) -> Vec<Scenario> {
             ),
             targets: with_direct,
             secs: s(plan.sse_dur, plan.sse_warmup) + 0.7,
+            same_core: false,
             run: sse_run,
         },
         Scenario {
@@ -218,6 +240,7 @@ pub fn all(plan: &Plan, proxies: &[Kind]) -> Vec<Scenario> {
             ),
             targets: only_proxies.clone(),
             secs: 3.0,
+            same_core: false,
             run: idle_run,
         },
         Scenario {
@@ -230,6 +253,7 @@ pub fn all(plan: &Plan, proxies: &[Kind]) -> Vec<Scenario> {
             ),
             targets: only_proxies,
             secs: 3.0,
+            same_core: false,
             run: streams_run,
         },
         Scenario {
@@ -241,6 +265,7 @@ pub fn all(plan: &Plan, proxies: &[Kind]) -> Vec<Scenario> {
                 TargetSpec::Proxy(Kind::Llmproxyd { shards: 2 }),
             ],
             secs: s(plan.rr_dur, plan.rr_warmup),
+            same_core: false,
             run: |c, t| rr_run(c, t, 64, c.plan.rr_warmup, c.plan.rr_dur),
         },
     ]

@@ -289,6 +289,16 @@ pub struct Env<'a> {
     pub driver: Option<&'a str>,
     /// Our soft RLIMIT_NOFILE (inherited by the proxies): nginx and HAProxy are sized to it.
     pub nofile: u64,
+    /// Run the proxy (all its threads, its worker) on this CPU instead of its usual one.
+    pub proxy_cpu: Option<usize>,
+}
+
+impl Env<'_> {
+    /// Core of shard / worker `i`.
+    fn core(&self, i: usize) -> usize {
+        self.proxy_cpu
+            .unwrap_or_else(|| self.placement.proxy_core(i))
+    }
 }
 
 /// A running proxy.
@@ -362,7 +372,7 @@ upstream_groups:
             }
             Kind::Nginx => {
                 let mask: String = {
-                    let c = env.placement.proxy_core(0);
+                    let c = env.core(0);
                     let mut m = "1".to_string();
                     m.push_str(&"0".repeat(c));
                     m
@@ -410,7 +420,7 @@ http {{
                     .arg(dir.join("error.log"));
             }
             Kind::Haproxy => {
-                let c = env.placement.proxy_core(0);
+                let c = env.core(0);
                 // HAProxy reserves two descriptors per connection and refuses to start when the
                 // limit is lower; 10 000 idle client connections need only one each, so ask for
                 // 55 % of the limit and let it start anyway (`no strict-limits`: a warning).
@@ -444,6 +454,10 @@ backend b
                 cmd = Command::new(kind.binary().ok_or("haproxy not installed")?);
                 cmd.arg("-f").arg(dir.join("haproxy.cfg")).arg("-db");
             }
+        }
+        if let Some(c) = env.proxy_cpu {
+            // llmproxyd pins its shard to the first CPU it may use: this one.
+            pinned(&mut cmd, vec![c]);
         }
         let mut child = cmd
             .stdout(Stdio::null())
