@@ -205,7 +205,7 @@ pub fn all(plan: &Plan, proxies: &[Kind]) -> Vec<Scenario> {
         },
         Scenario {
             id: "b1_seq_1c_same_core",
-            title: "b') one connection, sequential, the proxy on the same core as the mock and the generator".into(),
+            title: "b') one connection, proxy on the generator's core: the proxy's own added latency".into(),
             description: "scenario b with the proxy pinned to the CPU of the mock and the load generator: every hop is a \
                           switch on one core instead of a wake-up of the other (idle) core, so what is added is the proxy's own work"
                 .into(),
