@@ -5,7 +5,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use llmproxy::mock::{start, MockConfig, MockServer};
+use llmproxy::mock::{monotonic_ns, start, MockConfig, MockServer};
 use serde_json::Value;
 
 fn server() -> MockServer {
@@ -857,17 +857,6 @@ fn max_concurrency_queues_streams() {
     // One generation at a time: the second stream waits for the first.
     assert!(took[0] >= Duration::from_millis(190), "{took:?}");
     assert!(took[1] >= Duration::from_millis(390), "{took:?}");
-}
-
-/// CLOCK_MONOTONIC in ns, as the mock stamps it.
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, writable timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 #[test]

@@ -5,16 +5,8 @@ use std::process::Command;
 
 use serde_json::{json, Value};
 
-/// CLOCK_MONOTONIC in ns: the clock the mock stamps SSE events with (shared by all processes).
-pub fn now_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, writable timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
+/// CLOCK_MONOTONIC in ns: the clock the mock stamps SSE events with.
+pub use llmproxy::mock::monotonic_ns as now_ns;
 
 pub fn clk_tck() -> f64 {
     // SAFETY: sysconf has no preconditions.

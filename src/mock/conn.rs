@@ -762,18 +762,6 @@ const DONE_EVENT: &[u8] = b"data: [DONE]\n\n";
 /// `: t=` + 20 digits + `\n`: an SSE comment line, ignored by SSE parsers.
 const STAMP_PLACEHOLDER: &[u8] = b": t=00000000000000000000\n";
 
-/// CLOCK_MONOTONIC in nanoseconds (the clock `std::time::Instant` uses on Linux, shared by all
-/// processes of the machine).
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, writable timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 /// Writes `ns` as 20 zero-padded digits into the placeholder's digit field.
 fn write_stamp(line: &mut [u8], mut ns: u64) {
     let digits = &mut line[4..24];
@@ -1029,7 +1017,7 @@ async fn stream_sse(
             gen.usage_event(&mut ev);
         }
         if knobs.stamp {
-            write_stamp(&mut ev[..STAMP_PLACEHOLDER.len()], monotonic_ns());
+            write_stamp(&mut ev[..STAMP_PLACEHOLDER.len()], super::monotonic_ns());
         }
         match framing {
             Framing::Chunked => {

@@ -276,6 +276,18 @@ fn run_thread(l: std::net::TcpListener, shared: Arc<Shared>) {
     });
 }
 
+/// CLOCK_MONOTONIC in nanoseconds: the clock of the `x-mock-stamp` event stamps (the one
+/// `std::time::Instant` uses on Linux, shared by all processes of the machine).
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 /// Start the server, print the `listening` line to stdout and serve forever.
 pub fn run(cfg: MockConfig) -> io::Result<()> {
     use std::io::Write;
