@@ -117,6 +117,12 @@ fn ms(h: &Histogram<u64>, q: f64) -> f64 {
 }
 
 fn main() {
+    if !std::env::args().any(|a| a == "--bench") {
+        // `cargo test --benches` / `--all-targets` runs this binary without `--bench`: a minute
+        // of load does not belong in the test run.
+        println!("routing bench: skipped (run it with `cargo bench --bench routing`)");
+        return;
+    }
     let quick = std::env::var_os("LLMPROXY_BENCH_QUICK").is_some()
         || std::env::args().any(|a| a == "--quick");
     let dur = if quick {

@@ -5,7 +5,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use llmproxy::mock::{start, MockConfig, MockServer};
+use llmproxy::mock::{monotonic_ns, start, MockConfig, MockServer};
 use serde_json::Value;
 
 fn server() -> MockServer {
@@ -857,4 +857,60 @@ fn max_concurrency_queues_streams() {
     // One generation at a time: the second stream waits for the first.
     assert!(took[0] >= Duration::from_millis(190), "{took:?}");
     assert!(took[1] >= Duration::from_millis(390), "{took:?}");
+}
+
+#[test]
+fn stamped_events_carry_their_send_time() {
+    let srv = server();
+    let mut c = Conn::new(srv.addr());
+    let before = monotonic_ns();
+    c.send(&post(
+        "/v1/chat/completions",
+        "x-mock-stamp: 1\r\nx-mock-gap-ms: 30\r\nx-mock-tokens: 3\r\n",
+        CHAT_STREAM,
+    ));
+    let (status, _) = c.read_head();
+    assert_eq!(status, 200);
+    let mut stamps = Vec::new();
+    while let Some(chunk) = c.read_chunk() {
+        let arrived = monotonic_ns();
+        let text = String::from_utf8(chunk).unwrap();
+        // The stamp is an SSE comment line in front of the unchanged event.
+        let (line, event) = text.split_once('\n').expect("stamp line");
+        let t: u64 = line
+            .strip_prefix(": t=")
+            .expect(": t= prefix")
+            .parse()
+            .unwrap();
+        assert_eq!(line.len(), 24, "fixed width: {line:?}");
+        assert!(
+            event.starts_with("data: ") && event.ends_with("\n\n"),
+            "{event:?}"
+        );
+        assert!(
+            t >= before && t <= arrived,
+            "stamp {t} not in [{before}, {arrived}]"
+        );
+        stamps.push(t);
+    }
+    assert_eq!(stamps.len(), 4, "3 tokens + [DONE]");
+    let gap = stamps[1] - stamps[0];
+    assert!(
+        gap >= 25_000_000,
+        "token events 30 ms apart, stamps {gap} ns"
+    );
+
+    // Without the knob the events are unchanged.
+    c.send(&post(
+        "/v1/chat/completions",
+        "x-mock-tokens: 2\r\n",
+        CHAT_STREAM,
+    ));
+    let r = c.read_response();
+    assert!(
+        r.body.starts_with(b"data: {"),
+        "{:?}",
+        String::from_utf8_lossy(&r.body)
+    );
+    assert!(!String::from_utf8_lossy(&r.body).contains(": t="));
 }

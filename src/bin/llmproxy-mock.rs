@@ -11,7 +11,7 @@ use llmproxy::mock::{run, MockConfig};
 /// Every knob can be overridden per request with a header:
 /// x-mock-ttft-ms, x-mock-gap-ms, x-mock-tokens, x-mock-status,
 /// x-mock-error-rate, x-mock-cut-after, x-mock-framing (chunked|length|close),
-/// x-mock-close, x-mock-delay-ms, x-mock-body-bytes, x-mock-retry-after.
+/// x-mock-close, x-mock-delay-ms, x-mock-body-bytes, x-mock-retry-after, x-mock-stamp.
 #[derive(Debug, Parser)]
 #[command(name = "llmproxy-mock", version)]
 struct Cli {
@@ -50,6 +50,10 @@ struct Cli {
     /// PEM private key for --tls-cert.
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
     tls_key: Option<String>,
+    /// Put a `: t=<CLOCK_MONOTONIC ns>` SSE comment line in front of every event, stamped just
+    /// before its write (per-event latency measurements on one machine).
+    #[arg(long)]
+    stamp: bool,
 }
 
 fn main() -> ExitCode {
@@ -102,6 +106,7 @@ fn main() -> ExitCode {
         cut_after: cli.cut_after,
         max_concurrency: cli.max_concurrency,
         tls,
+        stamp: cli.stamp,
     };
     match run(cfg) {
         Ok(()) => ExitCode::SUCCESS,

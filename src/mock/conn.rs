@@ -307,6 +307,9 @@ struct Knobs {
     delay_ms: u64,
     body_bytes: usize,
     retry_after: Option<String>,
+    /// Put a `: t=<CLOCK_MONOTONIC ns>` comment line in front of each SSE event, taken just
+    /// before its write, so a client on the same machine can measure per-event latency.
+    stamp: bool,
 }
 
 /// Upper bound for any delay knob (1 hour), so time arithmetic can't overflow.
@@ -368,6 +371,10 @@ impl Knobs {
             head.header_str("x-mock-close"),
             Some(s) if s == "1" || s.eq_ignore_ascii_case("true") || s.eq_ignore_ascii_case("yes")
         );
+        let stamp = match head.header_str("x-mock-stamp") {
+            None => shared.cfg.stamp,
+            Some(s) => s == "1" || s.eq_ignore_ascii_case("true") || s.eq_ignore_ascii_case("yes"),
+        };
         let body_bytes: u64 = knob(head, "x-mock-body-bytes", 0)?;
         if body_bytes > MAX_BODY as u64 {
             return Err("x-mock-body-bytes");
@@ -384,6 +391,7 @@ impl Knobs {
             delay_ms: knob(head, "x-mock-delay-ms", 0u64)?.min(MAX_DELAY_MS),
             body_bytes: body_bytes as usize,
             retry_after: head.header_str("x-mock-retry-after").map(str::to_string),
+            stamp,
         })
     }
 
@@ -768,6 +776,18 @@ fn push_event(out: &mut Vec<u8>, v: &Value) {
 const DONE_EVENT: &[u8] = b"data: [DONE]\n\n";
 
 /// Wrap `payload` as one HTTP chunk into `out`.
+/// `: t=` + 20 digits + `\n`: an SSE comment line, ignored by SSE parsers.
+const STAMP_PLACEHOLDER: &[u8] = b": t=00000000000000000000\n";
+
+/// Writes `ns` as 20 zero-padded digits into the placeholder's digit field.
+fn write_stamp(line: &mut [u8], mut ns: u64) {
+    let digits = &mut line[4..24];
+    for d in digits.iter_mut().rev() {
+        *d = b'0' + (ns % 10) as u8;
+        ns /= 10;
+    }
+}
+
 fn push_chunk(out: &mut Vec<u8>, payload: &[u8]) {
     use std::io::Write;
     let _ = write!(out, "{:x}\r\n", payload.len());
@@ -1018,12 +1038,19 @@ async fn stream_sse(
         }
         ev.clear();
         let is_done = e + 1 == n_events;
+        if knobs.stamp {
+            // Room for the stamp, filled in once the event is built (closest to the write).
+            ev.extend_from_slice(STAMP_PLACEHOLDER);
+        }
         if e < gen.tokens {
             gen.event(e, &mut ev);
         } else if is_done {
             ev.extend_from_slice(DONE_EVENT);
         } else {
             gen.usage_event(&mut ev);
+        }
+        if knobs.stamp {
+            write_stamp(&mut ev[..STAMP_PLACEHOLDER.len()], super::monotonic_ns());
         }
         match framing {
             Framing::Chunked => {

@@ -46,6 +46,8 @@ pub struct MockConfig {
     pub max_concurrency: usize,
     /// Serve HTTPS with this certificate and key (`--tls-cert`/`--tls-key`).
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Stamp each SSE event with its send time (`: t=<CLOCK_MONOTONIC ns>` comment line).
+    pub stamp: bool,
 }
 
 impl Default for MockConfig {
@@ -61,6 +63,7 @@ impl Default for MockConfig {
             cut_after: 0,
             max_concurrency: 0,
             tls: None,
+            stamp: false,
         }
     }
 }
@@ -274,6 +277,18 @@ fn run_thread(l: std::net::TcpListener, shared: Arc<Shared>) {
             }
         }
     });
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock of the `x-mock-stamp` event stamps (the one
+/// `std::time::Instant` uses on Linux, shared by all processes of the machine).
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// Start the server, print the `listening` line to stdout and serve forever.

@@ -230,7 +230,13 @@ impl Proxy {
     fn try_start(yaml: &str, args: &[&str], setup: &dyn Fn(&mut Command)) -> Option<Proxy> {
         let dir = TempDir::new();
         let port = free_port();
-        let admin = free_port();
+        // Two ephemeral binds in a row can return the same port.
+        let admin = loop {
+            let a = free_port();
+            if a != port {
+                break a;
+            }
+        };
         let cfg = dir.0.join("config.yaml");
         std::fs::write(
             &cfg,
