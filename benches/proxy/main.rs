@@ -107,6 +107,8 @@ fn main() {
         .collect();
     let driver = std::env::var("LLMPROXY_BENCH_DRIVER").ok();
     let started = Instant::now();
+    // Read now: it holds the load average at the start.
+    let machine = sys::machine_json();
 
     let (soft, hard) = sys::raise_nofile(NOFILE);
     // LLMPROXY_BENCH_NICE=-10: every process and thread started from here on (mock, proxies,
@@ -317,7 +319,7 @@ fn main() {
         "compare": compare,
         "repeat": repeat,
         "git_commit": sys::git_commit(),
-        "machine": sys::machine_json(),
+        "machine": machine,
         "loadavg_1m_at_end": load_end,
         "setup": {
             "placement": placement.describe(),

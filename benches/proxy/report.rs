@@ -947,7 +947,7 @@ fn panels(scen: &[Value]) -> Vec<Panel> {
             continue;
         }
         let title = s["title"].as_str().unwrap_or("").to_string();
-        let short_title = title.split(':').next().unwrap_or(&title).to_string();
+        let short_title = panel_title(title.split(':').next().unwrap_or(&title));
         let tname = |r: &Value| r["target"].as_str().unwrap_or("?").to_string();
         if runs.iter().any(|r| r.get("kib_per").is_some()) {
             let lim = if s["id"] == "d_idle_conns" { 8.0 } else { 32.0 };
@@ -980,7 +980,8 @@ fn panels(scen: &[Value]) -> Vec<Panel> {
                 .map(|r| (tname(r), r["rate"]["value"].as_f64().unwrap_or(f64::NAN)))
                 .collect::<Vec<_>>(),
         )];
-        if s["id"] != "c_sse" {
+        // SSE: the streams are paced, so streams per CPU-second says nothing.
+        if !s["id"].as_str().unwrap_or("").starts_with("c_sse") {
             rate_groups.push((
                 format!("{unit} per CPU-second of the target"),
                 runs.iter()
@@ -1030,6 +1031,21 @@ fn panels(scen: &[Value]) -> Vec<Panel> {
         }
     }
     ps
+}
+
+/// A scenario title short enough for a panel heading: without its first parenthesised aside
+/// when it is long ("f-tls) a new HTTPS connection per request (full ...), 16 clients").
+fn panel_title(title: &str) -> String {
+    if title.chars().count() <= 60 {
+        return title.to_string();
+    }
+    match title
+        .find(" (")
+        .and_then(|i| Some((i, i + title[i..].find(')')?)))
+    {
+        Some((i, j)) => format!("{}{}", &title[..i], &title[j + 1..]),
+        None => title.to_string(),
+    }
 }
 
 /// Splits `text` into lines of at most `width` characters, at spaces.
@@ -1128,6 +1144,13 @@ pub fn self_test() {
     ];
     let v = vs_direct(&runs);
     assert_eq!(v["llmproxyd"]["rate_ratio"], json!(0.5), "{v}");
+    assert_eq!(
+        panel_title(
+            "f-tls) a new HTTPS connection per request (full TLS 1.3 handshake), 16 clients"
+        ),
+        "f-tls) a new HTTPS connection per request, 16 clients"
+    );
+    assert_eq!(panel_title("b) one connection"), "b) one connection");
     let plain = json!({"target": "llmproxyd", "rate": {"value": 200.0}, "work": {"unit": "req"},
         "cpu": {"target_us_per_req": 10.0}, "latency_us": {"request": {"p50": 10.0, "p99": 20.0}}});
     let tls = json!({"target": "llmproxyd", "rate": {"value": 150.0}, "work": {"unit": "req"},
