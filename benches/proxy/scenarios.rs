@@ -610,6 +610,30 @@ fn perf_record(ctx: &Ctx, t: &Target, dur: Duration) -> Option<std::process::Chi
         .ok()
 }
 
+/// Waits for the window `w`, samples the CPU time of the target (and of the mock and the
+/// generator) over it, `perf record`s the target when asked, then joins the generator.
+fn measure<R>(ctx: &Ctx, t: &Target, w: Window, gen: load::Generator<R>) -> (CpuWindow, Vec<R>) {
+    sleep_until_ns(w.t0);
+    let cpu = CpuSampler::start(t.pid, ctx.mock_of(t).pid(), gen.tids());
+    let perf = perf_record(ctx, t, Duration::from_nanos(w.t1 - w.t0));
+    sleep_until_ns(w.t1);
+    let cpu = cpu.stop();
+    if let Some(mut p) = perf {
+        let _ = p.wait();
+    }
+    (cpu, gen.join())
+}
+
+/// The generator threads' results as one.
+fn merged<R>(outs: Vec<R>, merge: fn(&mut R, R)) -> R {
+    outs.into_iter()
+        .reduce(|mut a, b| {
+            merge(&mut a, b);
+            a
+        })
+        .expect("one generator thread")
+}
+
 fn sleep_until_ns(t: u64) {
     let now = now_ns();
     if t > now {
@@ -633,18 +657,8 @@ pub fn rr_run(ctx: &Ctx, t: &Target, conns: usize, warmup: Duration, dur: Durati
             w,
         )
     });
-    sleep_until_ns(w.t0);
-    let cpu = CpuSampler::start(t.pid, ctx.mock_of(t).pid(), gen.tids());
-    let perf = perf_record(ctx, t, dur);
-    sleep_until_ns(w.t1);
-    let cpu = cpu.stop();
-    if let Some(mut p) = perf {
-        let _ = p.wait();
-    }
-    let mut out = load::RrOut::new();
-    for o in gen.join() {
-        out.merge(o);
-    }
+    let (cpu, outs) = measure(ctx, t, w, gen);
+    let out = merged(outs, load::RrOut::merge);
     let mut run = Run::new(t);
     run.rate = Some((out.requests as f64 / dur.as_secs_f64(), "req/s"));
     run.lat.push(Lat {
@@ -693,22 +707,8 @@ pub fn sse_run(ctx: &Ctx, t: &Target) -> Run {
             w,
         )
     });
-    sleep_until_ns(w.t0);
-    let cpu = CpuSampler::start(t.pid, ctx.mock_of(t).pid(), gen.tids());
-    let perf = perf_record(ctx, t, p.sse_dur);
-    sleep_until_ns(w.t1);
-    let cpu = cpu.stop();
-    if let Some(mut p) = perf {
-        let _ = p.wait();
-    }
-    let mut out: Option<load::SseOut> = None;
-    for o in gen.join() {
-        match &mut out {
-            None => out = Some(o),
-            Some(a) => a.merge(o),
-        }
-    }
-    let out = out.expect("one generator thread");
+    let (cpu, outs) = measure(ctx, t, w, gen);
+    let out = merged(outs, load::SseOut::merge);
     let mut run = Run::new(t);
     run.rate = Some((out.streams as f64 / p.sse_dur.as_secs_f64(), "streams/s"));
     run.lat.push(Lat {
@@ -865,22 +865,8 @@ pub fn churn_run(ctx: &Ctx, t: &Target) -> Run {
             w,
         )
     });
-    sleep_until_ns(w.t0);
-    let cpu = CpuSampler::start(t.pid, ctx.mock_of(t).pid(), gen.tids());
-    let perf = perf_record(ctx, t, p.churn_dur);
-    sleep_until_ns(w.t1);
-    let cpu = cpu.stop();
-    if let Some(mut p) = perf {
-        let _ = p.wait();
-    }
-    let mut out: Option<load::ChurnOut> = None;
-    for o in gen.join() {
-        match &mut out {
-            None => out = Some(o),
-            Some(a) => a.merge(o),
-        }
-    }
-    let out = out.expect("one generator thread");
+    let (cpu, outs) = measure(ctx, t, w, gen);
+    let out = merged(outs, load::ChurnOut::merge);
     let mut run = Run::new(t);
     run.rate = Some((out.conns as f64 / p.churn_dur.as_secs_f64(), "conn/s"));
     run.lat.push(Lat {
