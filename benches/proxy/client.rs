@@ -1,16 +1,50 @@
 //! The load generator's HTTP/1.1 client connection, on monoio (io_uring, epoll fallback):
-//! keep-alive, owned buffers, Content-Length, chunked and close-delimited bodies. Body bytes
-//! reach a callback with the CLOCK_MONOTONIC time of the read that brought them, so SSE events
-//! can be timed as they arrive.
+//! keep-alive, owned buffers, Content-Length, chunked and close-delimited bodies, over plain TCP
+//! or TLS (monoio-rustls, the config of `tls.rs`). Body bytes reach a callback with the
+//! CLOCK_MONOTONIC time of the read that brought them, so SSE events can be timed as they
+//! arrive.
 
 use std::io;
 use std::rc::Rc;
+use std::sync::Arc;
 
-use monoio::buf::IoBufMut;
+use monoio::buf::{IoBufMut, SliceMut};
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
+use monoio_rustls::{ClientTlsStream, TlsConnector};
 
 use crate::sys::now_ns;
+
+/// Where the generator connects: a port on 127.0.0.1, over TLS when `tls` is set.
+#[derive(Clone)]
+pub struct Dest {
+    pub port: u16,
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+/// The byte stream under a [`Conn`].
+enum Io {
+    Plain(TcpStream),
+    /// Boxed: the TLS state (rustls session, two 16 KiB buffers) is large.
+    Tls(Box<ClientTlsStream<TcpStream>>),
+}
+
+impl Io {
+    async fn read(&mut self, buf: SliceMut<Vec<u8>>) -> (io::Result<usize>, SliceMut<Vec<u8>>) {
+        match self {
+            Io::Plain(s) => s.read(buf).await,
+            Io::Tls(s) => s.read(buf).await,
+        }
+    }
+
+    async fn write_all(&mut self, buf: Rc<Vec<u8>>) -> io::Result<()> {
+        let (res, _) = match self {
+            Io::Plain(s) => s.write_all(buf).await,
+            Io::Tls(s) => s.write_all(buf).await,
+        };
+        res.map(|_| ())
+    }
+}
 
 pub struct Resp {
     pub status: u16,
@@ -32,7 +66,7 @@ const BUF: usize = 16 * 1024;
 
 /// One keep-alive client connection with its read buffer (`buf[lo..]` is unread).
 pub struct Conn {
-    s: TcpStream,
+    s: Io,
     buf: Vec<u8>,
     lo: usize,
     /// When the last read returned data (ns).
@@ -40,18 +74,30 @@ pub struct Conn {
 }
 
 impl Conn {
-    pub async fn connect(port: u16) -> io::Result<Conn> {
-        Conn::connect_with(port, BUF).await
+    /// Connects (and, for TLS, completes the handshake: a full one, resumption is off).
+    pub async fn connect(dest: &Dest) -> io::Result<Conn> {
+        Conn::connect_with(dest, BUF).await
     }
 
     /// A connection with a small read buffer, for holding thousands of them.
-    pub async fn connect_small(port: u16) -> io::Result<Conn> {
-        Conn::connect_with(port, 2048).await
+    pub async fn connect_small(dest: &Dest) -> io::Result<Conn> {
+        Conn::connect_with(dest, 2048).await
     }
 
-    async fn connect_with(port: u16, cap: usize) -> io::Result<Conn> {
-        let s = TcpStream::connect(("127.0.0.1", port)).await?;
-        s.set_nodelay(true)?;
+    async fn connect_with(dest: &Dest, cap: usize) -> io::Result<Conn> {
+        let tcp = TcpStream::connect(("127.0.0.1", dest.port)).await?;
+        tcp.set_nodelay(true)?;
+        let s = match &dest.tls {
+            None => Io::Plain(tcp),
+            Some(cfg) => {
+                let c = TlsConnector::from(cfg.clone());
+                Io::Tls(Box::new(
+                    c.connect(crate::tls::server_name(), tcp)
+                        .await
+                        .map_err(io::Error::from)?,
+                ))
+            }
+        };
         Ok(Conn {
             s,
             buf: Vec::with_capacity(cap),
@@ -110,8 +156,20 @@ impl Conn {
     }
 
     pub async fn send(&mut self, req: &Rc<Vec<u8>>) -> io::Result<()> {
-        let (res, _) = self.s.write_all(req.clone()).await;
-        res.map(|_| ())
+        self.s.write_all(req.clone()).await
+    }
+
+    /// After a response that closes the connection: reads until the server's EOF (so the
+    /// server closes first and the client holds no TIME_WAIT), discarding what comes.
+    pub async fn read_to_eof(&mut self) -> io::Result<()> {
+        loop {
+            self.lo = self.buf.len();
+            match self.fill().await {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// Sends `req` and reads one response, body ignored.

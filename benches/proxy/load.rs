@@ -1,7 +1,9 @@
 //! The load generator: a few pinned threads, one monoio runtime each (io_uring, epoll
 //! fallback), one task per connection. Cheap enough to hold 10 000 connections and to leave the
-//! proxy its core. Workloads: closed-loop request/response, SSE streams, and "hold" (open N
-//! connections or streams, keep them open until released).
+//! proxy its core. Workloads: closed-loop request/response, SSE streams, "hold" (open N
+//! connections or streams, keep them open until released) and "churn" (a new connection per
+//! request: the cost of connection setup, with TLS a full handshake). Plain TCP or TLS, as the
+//! [`Dest`] says.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -15,7 +17,7 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 
-use crate::client::{Conn, EventScanner, Resp};
+use crate::client::{Conn, Dest, EventScanner, Resp};
 use crate::sys::{self, now_ns};
 
 /// A request or stream that takes longer than this counts as an error (never a hang).
@@ -180,15 +182,28 @@ fn timed_out() -> io::Error {
 
 /// A connection that reconnects after errors and server closes.
 struct Client {
-    port: u16,
+    dest: Dest,
     conn: Option<Conn>,
+    /// When the last new connection was ready (TLS: handshake done), until taken.
+    opened_ns: Option<u64>,
 }
 
 impl Client {
+    fn new(dest: Dest) -> Client {
+        Client {
+            dest,
+            conn: None,
+            opened_ns: None,
+        }
+    }
+
     async fn get(&mut self, p: &mut Problems) -> Option<&mut Conn> {
         if self.conn.is_none() {
-            match monoio::time::timeout(REQUEST_TIMEOUT, Conn::connect(self.port)).await {
-                Ok(Ok(c)) => self.conn = Some(c),
+            match monoio::time::timeout(REQUEST_TIMEOUT, Conn::connect(&self.dest)).await {
+                Ok(Ok(c)) => {
+                    self.conn = Some(c);
+                    self.opened_ns = Some(now_ns());
+                }
                 Ok(Err(e)) => {
                     p.error(&e);
                     monoio::time::sleep(Duration::from_millis(1)).await;
@@ -252,30 +267,50 @@ pub struct Window {
 pub struct RrOut {
     pub hist: Histogram<u64>,
     pub requests: u64,
+    /// Connections opened (TLS: handshakes) inside the window; 0 when every connection was
+    /// made in the warm-up and kept alive.
+    pub opened_in_window: u64,
     pub problems: Problems,
 }
 
+impl RrOut {
+    pub fn new() -> RrOut {
+        RrOut {
+            hist: new_hist(),
+            requests: 0,
+            opened_in_window: 0,
+            problems: Problems::default(),
+        }
+    }
+}
+
 /// `conns` keep-alive connections on this thread, each sending `req` in a loop until `w.t1`.
-/// Latencies of requests that start and end inside the window are recorded.
-pub async fn rr(port: u16, req: Rc<Vec<u8>>, conns: usize, w: Window) -> RrOut {
+/// Latencies of requests that start and end inside the window are recorded. Connections (and
+/// TLS handshakes) are made at the start, in the warm-up, and again only after an error or a
+/// server close.
+pub async fn rr(dest: Dest, req: Rc<Vec<u8>>, conns: usize, w: Window) -> RrOut {
     let handles: Vec<_> = (0..conns)
         .map(|_| {
             let req = req.clone();
+            let dest = dest.clone();
             monoio::spawn(async move {
-                let mut out = RrOut {
-                    hist: new_hist(),
-                    requests: 0,
-                    problems: Problems::default(),
-                };
-                let mut c = Client { port, conn: None };
+                let mut out = RrOut::new();
+                let mut c = Client::new(dest);
                 loop {
                     let start = now_ns();
                     if start >= w.t1 {
                         break;
                     }
-                    let Some(conn) = c.get(&mut out.problems).await else {
+                    if c.get(&mut out.problems).await.is_none() {
                         continue;
-                    };
+                    }
+                    if c.opened_ns
+                        .take()
+                        .is_some_and(|t| (w.t0..w.t1).contains(&t))
+                    {
+                        out.opened_in_window += 1;
+                    }
+                    let conn = c.conn.as_mut().expect("just connected");
                     let r = within(conn.request(&req)).await;
                     let end = now_ns();
                     let ok = c
@@ -290,11 +325,7 @@ pub async fn rr(port: u16, req: Rc<Vec<u8>>, conns: usize, w: Window) -> RrOut {
             })
         })
         .collect();
-    let mut all = RrOut {
-        hist: new_hist(),
-        requests: 0,
-        problems: Problems::default(),
-    };
+    let mut all = RrOut::new();
     for h in handles {
         let o = h.await;
         all.merge(o);
@@ -306,6 +337,7 @@ impl RrOut {
     pub fn merge(&mut self, o: RrOut) {
         self.hist.add(&o.hist).unwrap();
         self.requests += o.requests;
+        self.opened_in_window += o.opened_in_window;
         self.problems.merge(o.problems);
     }
 }
@@ -373,7 +405,7 @@ pub struct Stagger {
 /// like independent clients' (in phase, every stream's event would fall in the same timer tick
 /// of the mock and reach the proxy as one burst).
 pub async fn sse(
-    port: u16,
+    dest: Dest,
     req: Rc<Vec<u8>>,
     conns: usize,
     stagger: Stagger,
@@ -383,10 +415,11 @@ pub async fn sse(
     let handles: Vec<_> = (0..conns)
         .map(|k| {
             let req = req.clone();
+            let dest = dest.clone();
             let delay = stagger.gap_ns * (stagger.first + k) as u64 / stagger.total.max(1) as u64;
             monoio::spawn(async move {
                 let mut out = SseOut::new();
-                let mut c = Client { port, conn: None };
+                let mut c = Client::new(dest);
                 monoio::time::sleep(Duration::from_nanos(delay)).await;
                 loop {
                     let start = now_ns();
@@ -461,7 +494,7 @@ const OPEN_WAVE: usize = 64;
 /// Opens `n` connections on this thread, one request on each (so each is an established
 /// keep-alive connection the server has served), keeps them idle until released, then sends a
 /// second request on each to show they were still alive.
-pub async fn hold_idle(port: u16, req: Rc<Vec<u8>>, n: usize, hold: Arc<Hold>) -> Problems {
+pub async fn hold_idle(dest: Dest, req: Rc<Vec<u8>>, n: usize, hold: Arc<Hold>) -> Problems {
     let mut problems = Problems::default();
     let mut conns: Vec<Conn> = Vec::with_capacity(n);
     let mut left = n;
@@ -471,8 +504,9 @@ pub async fn hold_idle(port: u16, req: Rc<Vec<u8>>, n: usize, hold: Arc<Hold>) -
         let handles: Vec<_> = (0..wave)
             .map(|_| {
                 let req = req.clone();
+                let dest = dest.clone();
                 monoio::spawn(async move {
-                    let mut c = within(Conn::connect_small(port)).await?;
+                    let mut c = within(Conn::connect_small(&dest)).await?;
                     let r = within(c.request(&req)).await?;
                     if r.status != 200 || r.close {
                         return Err(io::Error::other(format!(
@@ -524,7 +558,7 @@ pub async fn hold_idle(port: u16, req: Rc<Vec<u8>>, n: usize, hold: Arc<Hold>) -
 
 /// Opens `n` SSE streams on this thread (each: request sent, head and first event received),
 /// keeps them open until released, then closes them (the client goes away mid-stream).
-pub async fn hold_sse(port: u16, req: Rc<Vec<u8>>, n: usize, hold: Arc<Hold>) -> Problems {
+pub async fn hold_sse(dest: Dest, req: Rc<Vec<u8>>, n: usize, hold: Arc<Hold>) -> Problems {
     let mut problems = Problems::default();
     let mut conns: Vec<Conn> = Vec::with_capacity(n);
     let mut left = n;
@@ -534,8 +568,9 @@ pub async fn hold_sse(port: u16, req: Rc<Vec<u8>>, n: usize, hold: Arc<Hold>) ->
         let handles: Vec<_> = (0..wave)
             .map(|_| {
                 let req = req.clone();
+                let dest = dest.clone();
                 monoio::spawn(async move {
-                    let mut c = within(Conn::connect_small(port)).await?;
+                    let mut c = within(Conn::connect_small(&dest)).await?;
                     c.send(&req).await?;
                     within(c.read_first_event()).await?;
                     Ok::<_, io::Error>(c)
@@ -560,4 +595,94 @@ pub async fn hold_sse(port: u16, req: Rc<Vec<u8>>, n: usize, hold: Arc<Hold>) ->
     }
     drop(conns);
     problems
+}
+
+// ---------------------------------------------------------------------------------------------
+// Churn: a new connection per request
+
+pub struct ChurnOut {
+    /// TCP connect + (TLS) full handshake, until the client can send.
+    pub connect: Histogram<u64>,
+    /// TCP connect → the whole response read.
+    pub request: Histogram<u64>,
+    /// Connections whose whole cycle (connect to the server's close) fell inside the window.
+    pub conns: u64,
+    pub problems: Problems,
+}
+
+impl ChurnOut {
+    fn new() -> ChurnOut {
+        ChurnOut {
+            connect: new_hist(),
+            request: new_hist(),
+            conns: 0,
+            problems: Problems::default(),
+        }
+    }
+
+    pub fn merge(&mut self, o: ChurnOut) {
+        self.connect.add(&o.connect).unwrap();
+        self.request.add(&o.request).unwrap();
+        self.conns += o.conns;
+        self.problems.merge(o.problems);
+    }
+}
+
+/// `conns` clients on this thread, each in a closed loop until `w.t1`: connect (TLS: a full
+/// handshake, the generator never resumes), send `req` (which asks `connection: close`), read
+/// the answer and then the server's close (the server closes first, so the client's ports do
+/// not pile up in TIME_WAIT).
+pub async fn churn(dest: Dest, req: Rc<Vec<u8>>, conns: usize, w: Window) -> ChurnOut {
+    let handles: Vec<_> = (0..conns)
+        .map(|_| {
+            let req = req.clone();
+            let dest = dest.clone();
+            monoio::spawn(async move {
+                let mut out = ChurnOut::new();
+                loop {
+                    let start = now_ns();
+                    if start >= w.t1 {
+                        break;
+                    }
+                    let r = within(async {
+                        let mut c = Conn::connect(&dest).await?;
+                        let connected = now_ns();
+                        let resp = c.request(&req).await?;
+                        let answered = now_ns();
+                        if !resp.close {
+                            return Err(io::Error::other(
+                                "the server kept the connection open after `connection: close`",
+                            ));
+                        }
+                        c.read_to_eof().await?;
+                        Ok((connected, answered, resp.status))
+                    })
+                    .await;
+                    let end = now_ns();
+                    match r {
+                        Ok((_, _, status)) if !(200..300).contains(&status) => {
+                            *out.problems.non_2xx.entry(status).or_default() += 1;
+                        }
+                        Ok((connected, answered, _)) => {
+                            if start >= w.t0 && end <= w.t1 {
+                                record_ns(&mut out.connect, connected - start);
+                                record_ns(&mut out.request, answered - start);
+                                out.conns += 1;
+                            }
+                        }
+                        Err(e) => {
+                            out.problems.error(&e);
+                            monoio::time::sleep(Duration::from_millis(1)).await;
+                        }
+                    }
+                }
+                out
+            })
+        })
+        .collect();
+    let mut all = ChurnOut::new();
+    for h in handles {
+        all.merge(h.await);
+    }
+    all
 }

@@ -5,8 +5,10 @@
 //! process; drives it with the load generator in `load.rs` (monoio, a few pinned threads, one
 //! task per connection); reports throughput, p50/p90/p99/p99.9 (hdrhistogram), the target's CPU
 //! time per request (from `/proc/PID/task/*/schedstat`), its peak RSS and, for the memory
-//! scenarios, RSS per connection above its baseline. Writes a table to the terminal and
-//! `perf/results/<name>.{json,txt,svg}` (`latest` by default).
+//! scenarios, RSS per connection above its baseline. The TLS scenarios (`*_tls`) repeat a, b, c
+//! and f over HTTPS listeners and are compared with their plain twins of the same run (the
+//! "TLS cost" rows). Writes a table to the terminal and `perf/results/<name>.{json,txt,svg}`
+//! (`latest` by default).
 //!
 //! Options after `cargo bench --bench proxy --`:
 //! * `--quick` (or `LLMPROXY_BENCH_QUICK=1`): a short smoke run;
@@ -28,6 +30,7 @@ mod report;
 mod scenarios;
 mod services;
 mod sys;
+mod tls;
 
 use std::io::Write;
 use std::path::Path;
@@ -47,6 +50,7 @@ fn main() {
     if !args.iter().any(|a| a == "--bench") {
         client::self_test();
         report::self_test();
+        tls::self_test();
         println!("proxy bench: self-checks passed (run the bench itself with `cargo bench`)");
         return;
     }
@@ -103,6 +107,8 @@ fn main() {
         .collect();
     let driver = std::env::var("LLMPROXY_BENCH_DRIVER").ok();
     let started = Instant::now();
+    // Read now: it holds the load average at the start.
+    let machine = sys::machine_json();
 
     let (soft, hard) = sys::raise_nofile(NOFILE);
     // LLMPROXY_BENCH_NICE=-10: every process and thread started from here on (mock, proxies,
@@ -139,7 +145,6 @@ fn main() {
         cpus: placement.generator.clone(),
         epoll: std::env::var("LLMPROXY_BENCH_GEN_DRIVER").is_ok_and(|v| v == "epoll"),
     };
-    let plan = Plan::new(quick);
     let mut proxies = vec![Kind::Llmproxyd { shards: 1 }];
     let mut missing = Vec::new();
     if compare {
@@ -155,6 +160,16 @@ fn main() {
     std::fs::create_dir_all(&dir).expect("temp dir");
     let _cleanup = RemoveOnDrop(dir.clone());
     let mock = Mock::start(&dir, &placement.mock);
+    let tls_setup = tls::TlsSetup::new(&dir);
+    let plan = Plan::new(quick);
+    let all = scenarios::all(&plan, &proxies);
+    let chosen: Vec<_> = all
+        .iter()
+        .filter(|s| filters.is_empty() || filters.iter().any(|f| s.id.contains(f)))
+        .collect();
+    let any_tls = chosen.iter().any(|s| s.tls);
+    // "direct" of the TLS scenarios: the same mock serving HTTPS, on the mock's CPU.
+    let tls_mock = any_tls.then(|| Mock::start_tls(&dir, &placement.mock, &tls_setup));
 
     let mut header = vec![
         format!(
@@ -186,6 +201,9 @@ fn main() {
             "--repeat {repeat}: each (scenario, target) ran {repeat} times interleaved; kept: the run during which other processes took the least CPU"
         ));
     }
+    if any_tls {
+        header.push(tls::describe());
+    }
     if !missing.is_empty() {
         header.push(format!(
             "not installed, skipped: {} (perf/compare.sh installs them)",
@@ -204,17 +222,15 @@ fn main() {
             driver: driver.as_deref(),
             nofile: soft,
             proxy_cpu: None,
+            tls: None,
         },
         mock: &mock,
+        tls: &tls_setup,
+        tls_mock: tls_mock.as_ref(),
         plan: &plan,
         gen,
         perf_dir,
     };
-    let all = scenarios::all(&plan, &proxies);
-    let chosen: Vec<_> = all
-        .iter()
-        .filter(|s| filters.is_empty() || filters.iter().any(|f| s.id.contains(f)))
-        .collect();
     let steps: usize = chosen.iter().map(|s| s.targets.len()).sum::<usize>() * repeat;
     let total_s: f64 = chosen
         .iter()
@@ -238,7 +254,7 @@ fn main() {
                     started.elapsed().as_secs_f64()
                 );
                 let _ = std::io::stdout().flush();
-                let j = match ctx.start(spec, s.same_core) {
+                let j = match ctx.start(spec, s.same_core, s.tls) {
                     Ok(mut t) => {
                         t.tag = format!("{}-{}", s.id, t.label);
                         let run = (s.run)(&ctx, &t);
@@ -279,6 +295,11 @@ fn main() {
         lines.extend(t);
         results.push(sj);
     }
+    let tl = report::tls_cost(&mut results);
+    for l in &tl {
+        println!("{l}");
+    }
+    lines.extend(tl);
     let verdicts = report::verdicts(&results);
     let vl = report::verdict_lines(&verdicts);
     for l in &vl {
@@ -298,7 +319,7 @@ fn main() {
         "compare": compare,
         "repeat": repeat,
         "git_commit": sys::git_commit(),
-        "machine": sys::machine_json(),
+        "machine": machine,
         "loadavg_1m_at_end": load_end,
         "setup": {
             "placement": placement.describe(),

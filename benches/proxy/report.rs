@@ -1,5 +1,6 @@
-//! Results out: JSON per run and per scenario, the terminal table, the targets of the issue
-//! (measured, met or not), and an SVG chart written by hand (no plotting dependency).
+//! Results out: JSON per run and per scenario, the terminal table, the TLS cost rows (each TLS
+//! scenario against its plain twin), the targets of the issue (measured, met or not), and an
+//! SVG chart written by hand (no plotting dependency).
 
 use std::fmt::Write as _;
 
@@ -186,6 +187,8 @@ pub fn scenario_json(s: &Scenario, runs: Vec<Value>) -> Value {
         "id": s.id,
         "title": s.title,
         "description": s.description,
+        "tls": s.tls,
+        "plain_twin": s.plain,
         "vs_direct": vs_direct(&runs),
         "runs": runs,
     })
@@ -317,7 +320,7 @@ pub fn table(s: &Value) -> Vec<String> {
             .map(|m| m.keys().cloned().collect())
             .unwrap_or_default();
         // Keep the run's order (ttfb, first_event, event) rather than the map's.
-        let order = ["request", "ttfb", "first_event", "event"];
+        let order = ["connect", "request", "ttfb", "first_event", "event"];
         let mut keys: Vec<&str> = order
             .iter()
             .copied()
@@ -417,6 +420,136 @@ pub fn table(s: &Value) -> Vec<String> {
         out.push(line);
     }
     out
+}
+
+// ---------------------------------------------------------------------------------------------
+// TLS cost: each TLS scenario against its plain twin, target by target, same run
+
+/// TLS run against plain run of the same target: throughput ratio, CPU per unit (both, added,
+/// ratio), added latency per key and percentile, peak RSS.
+pub fn tls_vs_plain(tls: &Value, plain: &Value) -> Value {
+    let f = |v: &Value| v.as_f64();
+    let mut m = Map::new();
+    if let (Some(a), Some(b)) = (f(&tls["rate"]["value"]), f(&plain["rate"]["value"])) {
+        if b > 0.0 {
+            m.insert("rate_ratio".into(), json!(r2(a / b)));
+        }
+    }
+    let unit = tls["work"]["unit"].as_str().unwrap_or("req");
+    let key = format!("target_us_per_{unit}");
+    if let (Some(a), Some(b)) = (f(&tls["cpu"][&key]), f(&plain["cpu"][&key])) {
+        m.insert(
+            "cpu_us".into(),
+            json!({"plain": b, "tls": a, "added": r2(a - b), "ratio": if b > 0.0 { json!(r2(a / b)) } else { Value::Null }}),
+        );
+    }
+    let mut added = Map::new();
+    if let Some(lat) = tls["latency_us"].as_object() {
+        for (k, p) in lat {
+            let mut pm = Map::new();
+            for (q, _) in PCTS {
+                if let (Some(a), Some(b)) = (f(&p[q]), f(&plain["latency_us"][k][q])) {
+                    pm.insert(q.into(), json!(r1(a - b)));
+                }
+            }
+            added.insert(k.clone(), Value::Object(pm));
+        }
+    }
+    m.insert("added_latency_us".into(), Value::Object(added));
+    m.insert(
+        "peak_rss_kib".into(),
+        json!({"plain": plain["peak_rss_kib"], "tls": tls["peak_rss_kib"]}),
+    );
+    Value::Object(m)
+}
+
+/// Fills `tls_vs_plain` into every TLS scenario whose plain twin ran, and returns the rows.
+pub fn tls_cost(scen: &mut [Value]) -> Vec<String> {
+    let mut out = Vec::new();
+    let snapshot: Vec<Value> = scen.to_vec();
+    for s in scen.iter_mut() {
+        let Some(twin) = s["plain_twin"].as_str().map(str::to_string) else {
+            continue;
+        };
+        if out.is_empty() {
+            out.push(String::new());
+            out.push(
+                "TLS cost: each TLS scenario against its plain twin, same target, same run (TLS - plain; x = TLS / plain)"
+                    .to_string(),
+            );
+        }
+        let Some(p) = snapshot.iter().find(|x| x["id"] == twin.as_str()) else {
+            out.push(format!(
+                "  {}: plain twin {twin} not run (choose both)",
+                s["id"].as_str().unwrap_or("?")
+            ));
+            continue;
+        };
+        out.push(format!(
+            "  {} vs {twin}",
+            s["title"].as_str().unwrap_or("?")
+        ));
+        let mut m = Map::new();
+        for r in s["runs"].as_array().into_iter().flatten() {
+            if r.get("skipped").is_some() {
+                continue;
+            }
+            let t = r["target"].as_str().unwrap_or("?");
+            let Some(pr) = p["runs"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|x| x["target"] == t && x.get("skipped").is_none())
+            else {
+                continue;
+            };
+            let v = tls_vs_plain(r, pr);
+            let unit = r["rate"]["unit"].as_str().unwrap_or("");
+            let work = r["work"]["unit"].as_str().unwrap_or("req");
+            let mut line = format!(
+                "    {t:<14} {unit} {:.2}x",
+                v["rate_ratio"].as_f64().unwrap_or(f64::NAN)
+            );
+            let c = &v["cpu_us"];
+            if let (Some(a), Some(b)) = (c["tls"].as_f64(), c["plain"].as_f64()) {
+                let _ = write!(
+                    line,
+                    "; CPU/{work} {b:.2} -> {a:.2}µs ({:+.2}µs, {:.2}x)",
+                    a - b,
+                    c["ratio"].as_f64().unwrap_or(f64::NAN)
+                );
+            }
+            for k in ["connect", "request", "ttfb", "event"] {
+                let a = &v["added_latency_us"][k];
+                if a.is_object() {
+                    let _ = write!(
+                        line,
+                        "; {k} p50 {} p99 {}",
+                        fmt_signed(&a["p50"]),
+                        fmt_signed(&a["p99"])
+                    );
+                }
+            }
+            let _ = write!(
+                line,
+                "; peak RSS {} -> {}",
+                fmt_kib(&pr["peak_rss_kib"]),
+                fmt_kib(&r["peak_rss_kib"])
+            );
+            out.push(line);
+            m.insert(t.into(), v);
+        }
+        s["tls_vs_plain"] = Value::Object(m);
+    }
+    out
+}
+
+fn fmt_signed(v: &Value) -> String {
+    match v.as_f64() {
+        Some(x) if x >= 0.0 => format!("+{}", fmt_us(v)),
+        Some(_) => fmt_us(v),
+        None => "-".into(),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -814,7 +947,7 @@ fn panels(scen: &[Value]) -> Vec<Panel> {
             continue;
         }
         let title = s["title"].as_str().unwrap_or("").to_string();
-        let short_title = title.split(':').next().unwrap_or(&title).to_string();
+        let short_title = panel_title(title.split(':').next().unwrap_or(&title));
         let tname = |r: &Value| r["target"].as_str().unwrap_or("?").to_string();
         if runs.iter().any(|r| r.get("kib_per").is_some()) {
             let lim = if s["id"] == "d_idle_conns" { 8.0 } else { 32.0 };
@@ -847,7 +980,8 @@ fn panels(scen: &[Value]) -> Vec<Panel> {
                 .map(|r| (tname(r), r["rate"]["value"].as_f64().unwrap_or(f64::NAN)))
                 .collect::<Vec<_>>(),
         )];
-        if s["id"] != "c_sse" {
+        // SSE: the streams are paced, so streams per CPU-second says nothing.
+        if !s["id"].as_str().unwrap_or("").starts_with("c_sse") {
             rate_groups.push((
                 format!("{unit} per CPU-second of the target"),
                 runs.iter()
@@ -867,7 +1001,7 @@ fn panels(scen: &[Value]) -> Vec<Panel> {
             .and_then(|r| r["latency_us"].as_object())
             .map(|m| m.keys().cloned().collect())
             .unwrap_or_default();
-        for k in ["request", "ttfb", "event"] {
+        for k in ["connect", "request", "ttfb", "event"] {
             if !keys.iter().any(|x| x == k) {
                 continue;
             }
@@ -897,6 +1031,21 @@ fn panels(scen: &[Value]) -> Vec<Panel> {
         }
     }
     ps
+}
+
+/// A scenario title short enough for a panel heading: without its first parenthesised aside
+/// when it is long ("f-tls) a new HTTPS connection per request (full ...), 16 clients").
+fn panel_title(title: &str) -> String {
+    if title.chars().count() <= 60 {
+        return title.to_string();
+    }
+    match title
+        .find(" (")
+        .and_then(|i| Some((i, i + title[i..].find(')')?)))
+    {
+        Some((i, j)) => format!("{}{}", &title[..i], &title[j + 1..]),
+        None => title.to_string(),
+    }
 }
 
 /// Splits `text` into lines of at most `width` characters, at spaces.
@@ -995,6 +1144,22 @@ pub fn self_test() {
     ];
     let v = vs_direct(&runs);
     assert_eq!(v["llmproxyd"]["rate_ratio"], json!(0.5), "{v}");
+    assert_eq!(
+        panel_title(
+            "f-tls) a new HTTPS connection per request (full TLS 1.3 handshake), 16 clients"
+        ),
+        "f-tls) a new HTTPS connection per request, 16 clients"
+    );
+    assert_eq!(panel_title("b) one connection"), "b) one connection");
+    let plain = json!({"target": "llmproxyd", "rate": {"value": 200.0}, "work": {"unit": "req"},
+        "cpu": {"target_us_per_req": 10.0}, "latency_us": {"request": {"p50": 10.0, "p99": 20.0}}});
+    let tls = json!({"target": "llmproxyd", "rate": {"value": 150.0}, "work": {"unit": "req"},
+        "cpu": {"target_us_per_req": 12.5}, "latency_us": {"request": {"p50": 14.0, "p99": 29.0}}});
+    let c = tls_vs_plain(&tls, &plain);
+    assert_eq!(c["rate_ratio"], json!(0.75), "{c}");
+    assert_eq!(c["cpu_us"]["added"], json!(2.5), "{c}");
+    assert_eq!(c["cpu_us"]["ratio"], json!(1.25), "{c}");
+    assert_eq!(c["added_latency_us"]["request"]["p99"], json!(9.0), "{c}");
     assert_eq!(
         v["llmproxyd"]["added_us"]["request"]["p99"],
         json!(25.0),

@@ -1,7 +1,9 @@
 //! The scenarios, as a list: each one names the targets it runs against and a function that
 //! runs it against one target and returns a [`Run`]. To add one, write the function (most are a
 //! few lines over `rr_run`, `sse_run` or the hold runs) and push a [`Scenario`] in [`all`];
-//! the table, the JSON, the chart and the "vs direct" rows pick it up by themselves.
+//! the table, the JSON, the chart and the "vs direct" rows pick it up by themselves. A TLS
+//! scenario (`tls: true`) runs the same function against HTTPS listeners (direct: the mock
+//! serving HTTPS) and names its plain twin in `plain`, for the TLS cost rows.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -11,10 +13,11 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use serde_json::{json, Map, Value};
 
-use crate::client::request_bytes;
+use crate::client::{request_bytes, Dest};
 use crate::load::{self, GenPlan, Hold, Problems, Window};
 use crate::services::{Env, Kind, Mock, Service};
 use crate::sys::{self, now_ns};
+use crate::tls::TlsSetup;
 
 /// Small chat completion request (non-streaming).
 pub const CHAT_BODY: &str =
@@ -36,6 +39,10 @@ pub struct Plan {
     pub sse_gap_ms: u64,
     pub idle_conns: usize,
     pub open_streams: usize,
+    pub churn_warmup: Duration,
+    pub churn_dur: Duration,
+    /// Concurrent clients of the new-connection-per-request scenarios.
+    pub churn_clients: usize,
 }
 
 impl Plan {
@@ -78,6 +85,9 @@ impl Plan {
                 sse_gap_ms: 10,
                 idle_conns: 1000,
                 open_streams: 500,
+                churn_warmup: ms(200),
+                churn_dur: ms(800),
+                churn_clients: 16,
             }
         } else {
             Plan {
@@ -92,6 +102,9 @@ impl Plan {
                 sse_gap_ms: 10,
                 idle_conns: 10_000,
                 open_streams: 5_000,
+                churn_warmup: ms(500),
+                churn_dur: ms(3000),
+                churn_clients: 16,
             }
         }
     }
@@ -123,11 +136,30 @@ pub struct Target {
     pub service: Option<Service>,
     /// `<scenario id>-<label>`, for file names.
     pub tag: String,
+    /// HTTPS: the generator's TLS config.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// What the target negotiated with that config (checked before the run).
+    pub negotiated: Option<String>,
+}
+
+impl Target {
+    /// Where the load generator connects.
+    pub fn dest(&self) -> Dest {
+        Dest {
+            port: self.port,
+            tls: self.tls.clone(),
+        }
+    }
 }
 
 pub struct Ctx<'a> {
     pub env: Env<'a>,
+    /// The plain mock: every proxy's upstream, "direct" of the plain scenarios.
     pub mock: &'a Mock,
+    /// Certificate files and the generator's client config.
+    pub tls: &'a TlsSetup,
+    /// The mock serving HTTPS: "direct" of the TLS scenarios (started when one is chosen).
+    pub tls_mock: Option<&'a Mock>,
     pub plan: &'a Plan,
     pub gen: GenPlan,
     /// `--perf-record DIR`: `perf record` llmproxyd during each measured window into
@@ -137,30 +169,65 @@ pub struct Ctx<'a> {
 
 impl Ctx<'_> {
     /// Starts a fresh target; `same_core`: the proxy runs on the mock's (and the generator's)
-    /// CPU.
-    pub fn start(&self, spec: TargetSpec, same_core: bool) -> Result<Target, String> {
-        match spec {
-            TargetSpec::Direct => Ok(Target {
-                label: spec.label(),
-                port: self.mock.port(),
-                pid: self.mock.pid(),
-                service: None,
-                tag: String::new(),
-            }),
+    /// CPU; `tls`: it serves HTTPS (and must negotiate exactly [`crate::tls::EXPECTED`]).
+    pub fn start(&self, spec: TargetSpec, same_core: bool, tls: bool) -> Result<Target, String> {
+        let mut t = match spec {
+            TargetSpec::Direct => {
+                let mock = if tls {
+                    self.tls_mock.ok_or("the TLS mock is not running")?
+                } else {
+                    self.mock
+                };
+                Target {
+                    label: spec.label(),
+                    port: mock.port(),
+                    pid: mock.pid(),
+                    service: None,
+                    tag: String::new(),
+                    tls: None,
+                    negotiated: None,
+                }
+            }
             TargetSpec::Proxy(kind) => {
                 let env = Env {
                     proxy_cpu: same_core.then(|| self.env.placement.mock[0]),
+                    tls: tls.then_some(self.tls),
                     ..self.env
                 };
                 let s = Service::start(kind, &env)?;
-                Ok(Target {
+                Target {
                     label: s.label(),
                     port: s.port,
                     pid: s.pid,
                     service: Some(s),
                     tag: String::new(),
-                })
+                    tls: None,
+                    negotiated: None,
+                }
             }
+        };
+        if tls {
+            let cfg = self.tls.client.clone();
+            let n = crate::tls::negotiated(t.port, &cfg)
+                .map_err(|e| format!("TLS check of {}: {e}", t.label))?;
+            if n != crate::tls::EXPECTED {
+                return Err(format!(
+                    "{} negotiated {n}, not {} (not comparable)",
+                    t.label,
+                    crate::tls::EXPECTED
+                ));
+            }
+            t.tls = Some(cfg);
+            t.negotiated = Some(n);
+        }
+        Ok(t)
+    }
+
+    /// The mock whose counters and CPU go with target `t` (for TLS "direct": the HTTPS mock).
+    pub fn mock_of(&self, t: &Target) -> &Mock {
+        match (&t.service, &t.tls, self.tls_mock) {
+            (None, Some(_), Some(m)) => m,
+            _ => self.mock,
         }
     }
 }
@@ -174,6 +241,10 @@ pub struct Scenario {
     pub secs: f64,
     /// The proxy runs on the CPU of the mock and the generator (no cross-core hop).
     pub same_core: bool,
+    /// Every target serves HTTPS (the proxies' upstream stays the plain mock).
+    pub tls: bool,
+    /// For a TLS scenario: the id of the same scenario in plain HTTP (the TLS cost rows).
+    pub plain: Option<&'static str>,
     pub run: fn(&Ctx, &Target) -> Run,
 }
 
@@ -192,6 +263,21 @@ pub fn all(plan: &Plan, proxies: &[Kind]) -> Vec<Scenario> {
             targets: with_direct.clone(),
             secs: s(plan.rr_dur, plan.rr_warmup),
             same_core: false,
+            tls: false,
+            plain: None,
+            run: |c, t| rr_run(c, t, 64, c.plan.rr_warmup, c.plan.rr_dur),
+        },
+        Scenario {
+            id: "a_json_64c_tls",
+            title: "a-tls) small JSON POST over HTTPS, 64 keep-alive connections".into(),
+            description: "scenario a with TLS on the listener (direct: the mock serving HTTPS with the same certificate); \
+                          the proxies' upstream stays the plain mock. The 64 handshakes happen in the warm-up; keep-alive after"
+                .into(),
+            targets: with_direct.clone(),
+            secs: s(plan.rr_dur, plan.rr_warmup),
+            same_core: false,
+            tls: true,
+            plain: Some("a_json_64c"),
             run: |c, t| rr_run(c, t, 64, c.plan.rr_warmup, c.plan.rr_dur),
         },
         Scenario {
@@ -201,6 +287,19 @@ pub fn all(plan: &Plan, proxies: &[Kind]) -> Vec<Scenario> {
             targets: with_direct.clone(),
             secs: s(plan.seq_dur, plan.seq_warmup),
             same_core: false,
+            tls: false,
+            plain: None,
+            run: |c, t| rr_run(c, t, 1, c.plan.seq_warmup, c.plan.seq_dur),
+        },
+        Scenario {
+            id: "b_seq_1c_tls",
+            title: "b-tls) one HTTPS connection, sequential: the latency the proxy adds over TLS".into(),
+            description: "scenario b with TLS on the listener (one handshake, in the warm-up)".into(),
+            targets: with_direct.clone(),
+            secs: s(plan.seq_dur, plan.seq_warmup),
+            same_core: false,
+            tls: true,
+            plain: Some("b_seq_1c"),
             run: |c, t| rr_run(c, t, 1, c.plan.seq_warmup, c.plan.seq_dur),
         },
         Scenario {
@@ -212,6 +311,8 @@ pub fn all(plan: &Plan, proxies: &[Kind]) -> Vec<Scenario> {
             targets: with_direct.clone(),
             secs: s(plan.seq_dur, plan.seq_warmup),
             same_core: true,
+            tls: false,
+            plain: None,
             run: |c, t| rr_run(c, t, 1, c.plan.seq_warmup, c.plan.seq_dur),
         },
         Scenario {
@@ -225,9 +326,27 @@ pub fn all(plan: &Plan, proxies: &[Kind]) -> Vec<Scenario> {
                  every event carries the mock's send time (x-mock-stamp), event latency = arrival at the client - that stamp",
                 plan.sse_streams, plan.sse_tokens, plan.sse_gap_ms
             ),
-            targets: with_direct,
+            targets: with_direct.clone(),
             secs: s(plan.sse_dur, plan.sse_warmup) + 0.7,
             same_core: false,
+            tls: false,
+            plain: None,
+            run: sse_run,
+        },
+        Scenario {
+            id: "c_sse_tls",
+            title: format!(
+                "c-tls) SSE over HTTPS: {} concurrent streams of {} events {} ms apart",
+                plan.sse_streams, plan.sse_tokens, plan.sse_gap_ms
+            ),
+            description: "scenario c with TLS on the listener: every event is a TLS record (or part of one) from the proxy; \
+                          event latency against the mock's send stamps as in c"
+                .into(),
+            targets: with_direct.clone(),
+            secs: s(plan.sse_dur, plan.sse_warmup) + 0.7,
+            same_core: false,
+            tls: true,
+            plain: Some("c_sse"),
             run: sse_run,
         },
         Scenario {
@@ -241,6 +360,8 @@ pub fn all(plan: &Plan, proxies: &[Kind]) -> Vec<Scenario> {
             targets: only_proxies.clone(),
             secs: 3.0,
             same_core: false,
+            tls: false,
+            plain: None,
             run: idle_run,
         },
         Scenario {
@@ -254,6 +375,8 @@ pub fn all(plan: &Plan, proxies: &[Kind]) -> Vec<Scenario> {
             targets: only_proxies,
             secs: 3.0,
             same_core: false,
+            tls: false,
+            plain: None,
             run: streams_run,
         },
         Scenario {
@@ -266,7 +389,41 @@ pub fn all(plan: &Plan, proxies: &[Kind]) -> Vec<Scenario> {
             ],
             secs: s(plan.rr_dur, plan.rr_warmup),
             same_core: false,
+            tls: false,
+            plain: None,
             run: |c, t| rr_run(c, t, 64, c.plan.rr_warmup, c.plan.rr_dur),
+        },
+        Scenario {
+            id: "f_new_conns",
+            title: format!(
+                "f) a new connection per request, {} clients",
+                plan.churn_clients
+            ),
+            description: "each client in a closed loop: connect, one small JSON POST with `connection: close`, read the answer \
+                          and the server's close; the cost of setting up a connection"
+                .into(),
+            targets: with_direct.clone(),
+            secs: s(plan.churn_dur, plan.churn_warmup),
+            same_core: false,
+            tls: false,
+            plain: None,
+            run: churn_run,
+        },
+        Scenario {
+            id: "f_new_conns_tls",
+            title: format!(
+                "f-tls) a new HTTPS connection per request (full TLS 1.3 handshake), {} clients",
+                plan.churn_clients
+            ),
+            description: "scenario f over TLS: every connection is a full handshake (the generator never resumes; the servers \
+                          still send their default session tickets); conn/s/core = handshakes per CPU-second of the target"
+                .into(),
+            targets: with_direct,
+            secs: s(plan.churn_dur, plan.churn_warmup),
+            same_core: false,
+            tls: true,
+            plain: Some("f_new_conns"),
+            run: churn_run,
         },
     ]
 }
@@ -408,7 +565,11 @@ impl Run {
                 self.extra.insert("driver".into(), json!(d));
             }
         }
-        self.extra.insert("mock_stats".into(), ctx.mock.stats());
+        if let Some(n) = &t.negotiated {
+            self.extra.insert("tls_negotiated".into(), json!(n));
+        }
+        self.extra
+            .insert("mock_stats".into(), ctx.mock_of(t).stats());
     }
 }
 
@@ -449,6 +610,30 @@ fn perf_record(ctx: &Ctx, t: &Target, dur: Duration) -> Option<std::process::Chi
         .ok()
 }
 
+/// Waits for the window `w`, samples the CPU time of the target (and of the mock and the
+/// generator) over it, `perf record`s the target when asked, then joins the generator.
+fn measure<R>(ctx: &Ctx, t: &Target, w: Window, gen: load::Generator<R>) -> (CpuWindow, Vec<R>) {
+    sleep_until_ns(w.t0);
+    let cpu = CpuSampler::start(t.pid, ctx.mock_of(t).pid(), gen.tids());
+    let perf = perf_record(ctx, t, Duration::from_nanos(w.t1 - w.t0));
+    sleep_until_ns(w.t1);
+    let cpu = cpu.stop();
+    if let Some(mut p) = perf {
+        let _ = p.wait();
+    }
+    (cpu, gen.join())
+}
+
+/// The generator threads' results as one.
+fn merged<R>(outs: Vec<R>, merge: fn(&mut R, R)) -> R {
+    outs.into_iter()
+        .reduce(|mut a, b| {
+            merge(&mut a, b);
+            a
+        })
+        .expect("one generator thread")
+}
+
 fn sleep_until_ns(t: u64) {
     let now = now_ns();
     if t > now {
@@ -461,33 +646,19 @@ fn sleep_until_ns(t: u64) {
 
 /// Closed-loop small JSON requests on `conns` connections.
 pub fn rr_run(ctx: &Ctx, t: &Target, conns: usize, warmup: Duration, dur: Duration) -> Run {
-    ctx.mock.reset();
+    ctx.mock_of(t).reset();
     let w = window(warmup, dur);
-    let port = t.port;
+    let dest = t.dest();
     let gen = load::spawn(&ctx.gen, move |i, n| {
         load::rr(
-            port,
+            dest.clone(),
             request_bytes(CHAT_BODY, &[]),
             load::share(conns, i, n),
             w,
         )
     });
-    sleep_until_ns(w.t0);
-    let cpu = CpuSampler::start(t.pid, ctx.mock.pid(), gen.tids());
-    let perf = perf_record(ctx, t, dur);
-    sleep_until_ns(w.t1);
-    let cpu = cpu.stop();
-    if let Some(mut p) = perf {
-        let _ = p.wait();
-    }
-    let mut out = load::RrOut {
-        hist: load::new_hist(),
-        requests: 0,
-        problems: Problems::default(),
-    };
-    for o in gen.join() {
-        out.merge(o);
-    }
+    let (cpu, outs) = measure(ctx, t, w, gen);
+    let out = merged(outs, load::RrOut::merge);
     let mut run = Run::new(t);
     run.rate = Some((out.requests as f64 / dur.as_secs_f64(), "req/s"));
     run.lat.push(Lat {
@@ -499,6 +670,10 @@ pub fn rr_run(ctx: &Ctx, t: &Target, conns: usize, warmup: Duration, dur: Durati
     run.cpu = Some(cpu);
     run.problems = out.problems;
     run.extra.insert("connections".into(), json!(conns));
+    run.extra.insert(
+        "connections_opened_in_window".into(),
+        json!(out.opened_in_window),
+    );
     run.finish(ctx, t);
     run
 }
@@ -506,9 +681,9 @@ pub fn rr_run(ctx: &Ctx, t: &Target, conns: usize, warmup: Duration, dur: Durati
 /// SSE streams; TTFB, first event and per-event latency against the mock's send stamps.
 pub fn sse_run(ctx: &Ctx, t: &Target) -> Run {
     let p = ctx.plan;
-    ctx.mock.reset();
+    ctx.mock_of(t).reset();
     let w = window(p.sse_warmup, p.sse_dur);
-    let (port, streams, tokens, gap) = (t.port, p.sse_streams, p.sse_tokens, p.sse_gap_ms);
+    let (dest, streams, tokens, gap) = (t.dest(), p.sse_streams, p.sse_tokens, p.sse_gap_ms);
     let gen = load::spawn(&ctx.gen, move |i, n| {
         let req = request_bytes(
             SSE_BODY,
@@ -524,7 +699,7 @@ pub fn sse_run(ctx: &Ctx, t: &Target) -> Run {
             gap_ns: gap * 1_000_000,
         };
         load::sse(
-            port,
+            dest.clone(),
             req,
             load::share(streams, i, n),
             stagger,
@@ -532,22 +707,8 @@ pub fn sse_run(ctx: &Ctx, t: &Target) -> Run {
             w,
         )
     });
-    sleep_until_ns(w.t0);
-    let cpu = CpuSampler::start(t.pid, ctx.mock.pid(), gen.tids());
-    let perf = perf_record(ctx, t, p.sse_dur);
-    sleep_until_ns(w.t1);
-    let cpu = cpu.stop();
-    if let Some(mut p) = perf {
-        let _ = p.wait();
-    }
-    let mut out: Option<load::SseOut> = None;
-    for o in gen.join() {
-        match &mut out {
-            None => out = Some(o),
-            Some(a) => a.merge(o),
-        }
-    }
-    let out = out.expect("one generator thread");
+    let (cpu, outs) = measure(ctx, t, w, gen);
+    let out = merged(outs, load::SseOut::merge);
     let mut run = Run::new(t);
     run.rate = Some((out.streams as f64 / p.sse_dur.as_secs_f64(), "streams/s"));
     run.lat.push(Lat {
@@ -584,9 +745,10 @@ pub fn sse_run(ctx: &Ctx, t: &Target) -> Run {
 /// Opens `n` connections (or streams) with `hold_fn`, measures the target's RSS above its
 /// baseline, releases them.
 fn hold_run(ctx: &Ctx, t: &Target, n: usize, streams: bool) -> Run {
-    ctx.mock.reset();
-    let port = t.port;
+    ctx.mock_of(t).reset();
+    let dest = t.dest();
     // Warm the fresh proxy up (pools, per-shard state) before the baseline.
+    let warm_dest = dest.clone();
     let warm = load::spawn(
         &GenPlan {
             threads: 1,
@@ -594,7 +756,7 @@ fn hold_run(ctx: &Ctx, t: &Target, n: usize, streams: bool) -> Run {
         },
         move |_, _| {
             load::rr(
-                port,
+                warm_dest.clone(),
                 request_bytes(CHAT_BODY, &[]),
                 4,
                 window(Duration::ZERO, Duration::from_millis(200)),
@@ -611,6 +773,7 @@ fn hold_run(ctx: &Ctx, t: &Target, n: usize, streams: bool) -> Run {
     let gen = load::spawn(&ctx.gen, move |i, k| {
         let share = load::share(n, i, k);
         let h = h.clone();
+        let dest = dest.clone();
         async move {
             if streams {
                 let req = request_bytes(
@@ -620,9 +783,9 @@ fn hold_run(ctx: &Ctx, t: &Target, n: usize, streams: bool) -> Run {
                         ("x-mock-gap-ms", "30000".into()),
                     ],
                 );
-                load::hold_sse(port, req, share, h).await
+                load::hold_sse(dest, req, share, h).await
             } else {
-                load::hold_idle(port, request_bytes(CHAT_BODY, &[]), share, h).await
+                load::hold_idle(dest, request_bytes(CHAT_BODY, &[]), share, h).await
             }
         }
     });
@@ -638,7 +801,7 @@ fn hold_run(ctx: &Ctx, t: &Target, n: usize, streams: bool) -> Run {
     let ready = hold.ready.load(Ordering::SeqCst);
     let rss = sys::rss_kib(t.pid).unwrap_or(0);
     let fds = sys::fds(t.pid).unwrap_or(0);
-    let mock_open = ctx.mock.stats()["connections_open"].as_u64();
+    let mock_open = ctx.mock_of(t).stats()["connections_open"].as_u64();
     hold.release.store(true, Ordering::SeqCst);
     let mut problems = Problems::default();
     for p in gen.join() {
@@ -685,4 +848,41 @@ pub fn idle_run(ctx: &Ctx, t: &Target) -> Run {
 
 pub fn streams_run(ctx: &Ctx, t: &Target) -> Run {
     hold_run(ctx, t, ctx.plan.open_streams, true)
+}
+
+/// A new connection per request (TLS: a full handshake each): `plan.churn_clients` clients in
+/// a closed loop; rate and CPU per connection.
+pub fn churn_run(ctx: &Ctx, t: &Target) -> Run {
+    let p = ctx.plan;
+    ctx.mock_of(t).reset();
+    let w = window(p.churn_warmup, p.churn_dur);
+    let (dest, clients) = (t.dest(), p.churn_clients);
+    let gen = load::spawn(&ctx.gen, move |i, n| {
+        load::churn(
+            dest.clone(),
+            request_bytes(CHAT_BODY, &[("connection", "close".into())]),
+            load::share(clients, i, n),
+            w,
+        )
+    });
+    let (cpu, outs) = measure(ctx, t, w, gen);
+    let out = merged(outs, load::ChurnOut::merge);
+    let mut run = Run::new(t);
+    run.rate = Some((out.conns as f64 / p.churn_dur.as_secs_f64(), "conn/s"));
+    run.lat.push(Lat {
+        key: "connect",
+        title: "connect (+ TLS handshake)",
+        hist: out.connect,
+    });
+    run.lat.push(Lat {
+        key: "request",
+        title: "connect -> answer read",
+        hist: out.request,
+    });
+    run.work = Some((out.conns, "conn"));
+    run.cpu = Some(cpu);
+    run.problems = out.problems;
+    run.extra.insert("clients".into(), json!(clients));
+    run.finish(ctx, t);
+    run
 }

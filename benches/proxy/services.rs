@@ -1,19 +1,22 @@
 //! The processes under test: the mock upstream, llmproxyd, and (with `--compare`) nginx and
 //! HAProxy configured like llmproxyd (one worker pinned like its shard, keep-alive to the
 //! upstream, no response buffering). Each scenario run gets a fresh proxy process, so its peak
-//! RSS and memory baseline belong to that run alone.
+//! RSS and memory baseline belong to that run alone. With [`Env::tls`] set, each serves HTTPS on
+//! its listener with the bench's certificate (`tls.rs`); the upstream stays the plain mock.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
 use crate::sys;
+use crate::tls::TlsSetup;
 
 const PROXY_BIN: &str = env!("CARGO_BIN_EXE_llmproxyd");
 const MOCK_BIN: &str = env!("CARGO_BIN_EXE_llmproxy-mock");
@@ -102,9 +105,28 @@ fn pinned(cmd: &mut Command, cpus: Vec<usize>) -> &mut Command {
 
 /// Blocking one-shot HTTP request (setup and checks only, never timed).
 pub fn simple_request(port: u16, req: &[u8]) -> std::io::Result<(u16, Vec<u8>)> {
-    let mut s = TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    request_on(port, None, req)
+}
+
+/// [`simple_request`], over TLS when `tls` is set.
+pub fn request_on(
+    port: u16,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+    req: &[u8],
+) -> std::io::Result<(u16, Vec<u8>)> {
+    match tls {
+        None => {
+            let mut s = TcpStream::connect(("127.0.0.1", port))?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            exchange(&mut s, req)
+        }
+        Some(cfg) => exchange(&mut crate::tls::connect_blocking(port, cfg)?, req),
+    }
+}
+
+fn exchange(s: &mut (impl Read + Write), req: &[u8]) -> std::io::Result<(u16, Vec<u8>)> {
     s.write_all(req)?;
+    s.flush()?;
     let mut buf = Vec::new();
     let mut tmp = [0u8; 16384];
     loop {
@@ -152,12 +174,38 @@ const PROBE: &[u8] = b"POST /v1/chat/completions HTTP/1.1\r\nhost: bench\r\ncont
 pub struct Mock {
     child: Child,
     pub addr: SocketAddr,
+    /// Serves HTTPS: its control requests (reset, stats) go over TLS too.
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl Mock {
+    /// The mock serving plain HTTP: every proxy's upstream, and "direct" of the plain
+    /// scenarios.
     pub fn start(dir: &Path, cpus: &[usize]) -> Mock {
+        Mock::start_with(dir, cpus, None)
+    }
+
+    /// The same mock serving HTTPS (`--tls-cert/--tls-key`, the bench's certificate): "direct"
+    /// of the TLS scenarios.
+    pub fn start_tls(dir: &Path, cpus: &[usize], tls: &TlsSetup) -> Mock {
+        Mock::start_with(dir, cpus, Some(tls))
+    }
+
+    fn start_with(dir: &Path, cpus: &[usize], tls: Option<&TlsSetup>) -> Mock {
         let mut cmd = Command::new(MOCK_BIN);
-        cmd.args(["--listen", "127.0.0.1:0", "--threads", "1"])
+        cmd.args(["--listen", "127.0.0.1:0", "--threads", "1"]);
+        if let Some(t) = tls {
+            cmd.arg("--tls-cert")
+                .arg(&t.cert)
+                .arg("--tls-key")
+                .arg(&t.key);
+        }
+        let log = if tls.is_some() {
+            "mock-tls.log"
+        } else {
+            "mock.log"
+        };
+        cmd
             // The mock on epoll: on io_uring its SSE answers and paced events came hundreds of
             // µs late once 32+ streams were open (its waits between events cancel and re-arm a
             // poll each time), which would drown what the proxies add. LLMPROXY_BENCH_MOCK_DRIVER
@@ -171,7 +219,7 @@ impl Mock {
                 },
             )
             .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(dir.join("mock.log")).unwrap());
+            .stderr(std::fs::File::create(dir.join(log)).unwrap());
         let mut child = pinned(&mut cmd, cpus.to_vec())
             .spawn()
             .expect("start llmproxy-mock");
@@ -185,7 +233,11 @@ impl Mock {
             .next()
             .and_then(|a| a.parse().ok())
             .unwrap_or_else(|| panic!("mock said {line:?}"));
-        Mock { child, addr }
+        Mock {
+            child,
+            addr,
+            tls: tls.map(|t| t.client.clone()),
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -197,15 +249,17 @@ impl Mock {
     }
 
     pub fn reset(&self) {
-        let _ = simple_request(
+        let _ = request_on(
             self.port(),
+            self.tls.as_ref(),
             b"POST /_mock/reset HTTP/1.1\r\nhost: bench\r\ncontent-length: 0\r\n\r\n",
         );
     }
 
     pub fn stats(&self) -> Value {
-        simple_request(
+        request_on(
             self.port(),
+            self.tls.as_ref(),
             b"GET /_mock/stats HTTP/1.1\r\nhost: bench\r\n\r\n",
         )
         .ok()
@@ -291,6 +345,8 @@ pub struct Env<'a> {
     pub nofile: u64,
     /// Run the proxy (all its threads, its worker) on this CPU instead of its usual one.
     pub proxy_cpu: Option<usize>,
+    /// Serve HTTPS on the listener with these files (the upstream stays plain HTTP).
+    pub tls: Option<&'a TlsSetup>,
 }
 
 impl Env<'_> {
@@ -337,6 +393,13 @@ impl Service {
             Kind::Llmproxyd { shards } => {
                 let a = free_port();
                 admin = Some(a);
+                let tls = env.tls.map_or(String::new(), |t| {
+                    format!(
+                        "\n      tls: {{cert_file: {}, key_file: {}}}",
+                        t.cert.display(),
+                        t.key.display()
+                    )
+                });
                 let cfg = dir.join("config.yaml");
                 std::fs::write(
                     &cfg,
@@ -347,7 +410,7 @@ impl Service {
       address: 127.0.0.1
       port: {port}
       upstream_group: g
-      timeout: {{idle: 300}}
+      timeout: {{idle: 300}}{tls}
   admin:
     address: 127.0.0.1
     port: {a}
@@ -379,6 +442,27 @@ upstream_groups:
                 };
                 let d = dir.display();
                 let nofile = env.nofile;
+                // TLS: the same certificate, TLS 1.3 only, the generator's suite and group
+                // (it offers nothing else; stated here too so nothing else could be chosen),
+                // OpenSSL's default session tickets left on (the generator never uses them).
+                let (ssl, tls_conf) = match env.tls {
+                    None => ("", String::new()),
+                    Some(t) => (
+                        " ssl",
+                        format!(
+                            "
+    ssl_certificate {};
+    ssl_certificate_key {};
+    ssl_protocols TLSv1.3;
+    ssl_ecdh_curve {};
+    ssl_conf_command Ciphersuites {};",
+                            t.cert.display(),
+                            t.key.display(),
+                            crate::tls::OPENSSL_GROUP,
+                            crate::tls::OPENSSL_SUITE
+                        ),
+                    ),
+                };
                 std::fs::write(
                     dir.join("nginx.conf"),
                     format!(
@@ -397,7 +481,7 @@ http {{
   keepalive_requests 10000000;
   upstream mock {{ server 127.0.0.1:{mock}; keepalive 128; keepalive_requests 10000000; keepalive_timeout 300s; }}
   server {{
-    listen 127.0.0.1:{port} backlog=4096;
+    listen 127.0.0.1:{port}{ssl} backlog=4096;{tls_conf}
     location / {{
       proxy_pass http://mock;
       proxy_http_version 1.1;
@@ -425,6 +509,14 @@ http {{
                 // limit is lower; 10 000 idle client connections need only one each, so ask for
                 // 55 % of the limit and let it start anyway (`no strict-limits`: a warning).
                 let maxconn = env.nofile * 11 / 20;
+                let ssl = env.tls.map_or(String::new(), |t| {
+                    format!(
+                        " ssl crt {} alpn http/1.1 ssl-min-ver TLSv1.3 ciphersuites {} curves {}",
+                        t.combined.display(),
+                        crate::tls::OPENSSL_SUITE,
+                        crate::tls::OPENSSL_GROUP
+                    )
+                });
                 std::fs::write(
                     dir.join("haproxy.cfg"),
                     format!(
@@ -442,7 +534,7 @@ defaults
   http-reuse always
   option http-no-delay
 frontend f
-  bind 127.0.0.1:{port}
+  bind 127.0.0.1:{port}{ssl}
   maxconn {maxconn}
   default_backend b
 backend b
@@ -459,6 +551,7 @@ backend b
             // llmproxyd pins its shard to the first CPU it may use: this one.
             pinned(&mut cmd, vec![c]);
         }
+        let tls = env.tls.map(|t| t.client.clone());
         let mut child = cmd
             .stdout(Stdio::null())
             .stderr(logf())
@@ -470,7 +563,7 @@ backend b
                 let text = std::fs::read_to_string(&log).unwrap_or_default();
                 return Err(format!("exited with {st}: {}", text.trim()));
             }
-            if matches!(simple_request(port, PROBE), Ok((200, _))) {
+            if matches!(request_on(port, tls.as_ref(), PROBE), Ok((200, _))) {
                 break;
             }
             if Instant::now() > deadline {
