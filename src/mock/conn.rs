@@ -821,8 +821,10 @@ async fn wait_or_gone(stream: &InboundConn, dur: Duration) -> bool {
                         return false;
                     }
                     PeekState::Nothing => {
-                        // Spurious readiness: avoid a busy loop.
-                        monoio::time::sleep(Duration::from_millis(1).min(dur)).await;
+                        // Spurious readiness (or the TLS poll): avoid a busy loop, but never
+                        // sleep past the deadline (that would slow the pacing down).
+                        let left = deadline.saturating_duration_since(monoio::time::Instant::now());
+                        monoio::time::sleep(Duration::from_millis(1).min(left)).await;
                     }
                 }
             }
