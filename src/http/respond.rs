@@ -2,9 +2,9 @@
 //! answers, and canned JSON errors in the OpenAI error shape.
 
 use bytes::BytesMut;
-use http::{HeaderMap, StatusCode};
+use http::StatusCode;
 
-use super::head::{connection_listed, is_hop_by_hop};
+use super::fields::{Fields, Known};
 
 /// How the body the proxy sends to the client is framed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,7 +24,7 @@ pub enum BodyOut {
 pub fn encode_response_head(
     out: &mut BytesMut,
     status: StatusCode,
-    headers: &HeaderMap,
+    headers: &Fields,
     body: BodyOut,
     keep_alive: bool,
     keep_upstream_length: bool,
@@ -34,16 +34,16 @@ pub fn encode_response_head(
     out.extend_from_slice(b" ");
     out.extend_from_slice(status.canonical_reason().unwrap_or("Unknown").as_bytes());
     out.extend_from_slice(b"\r\n");
-    for (name, value) in headers {
-        let is_length = name == http::header::CONTENT_LENGTH;
-        if (is_hop_by_hop(name) && !(is_length && keep_upstream_length))
-            || connection_listed(headers, name)
+    for f in headers.iter() {
+        let is_length = f.kind == Known::ContentLength;
+        if (f.kind.is_hop_by_hop() && !(is_length && keep_upstream_length))
+            || headers.connection_lists(f.name)
         {
             continue;
         }
-        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(f.name);
         out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(f.value);
         out.extend_from_slice(b"\r\n");
     }
     match body {
@@ -255,14 +255,26 @@ mod tests {
 
     #[test]
     fn relayed_head_drops_hop_by_hop() {
-        let mut h = HeaderMap::new();
-        h.insert("content-type", "text/event-stream".parse().unwrap());
-        h.insert("connection", "keep-alive, x-private".parse().unwrap());
-        h.insert("x-private", "1".parse().unwrap());
-        h.insert("transfer-encoding", "chunked".parse().unwrap());
-        h.insert("content-length", "9".parse().unwrap());
+        let mut raw = BytesMut::from(
+            &b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: keep-alive, X-Private\r\nX-Private: 1\r\nTransfer-Encoding: chunked\r\nContent-Length: 9\r\n\r\n"[..],
+        );
+        let r = crate::http::head::take_response(
+            &mut raw,
+            &mut crate::http::head::HeadScanner::default(),
+            65536,
+            &http::Method::GET,
+        )
+        .unwrap()
+        .unwrap();
         let mut out = BytesMut::new();
-        encode_response_head(&mut out, StatusCode::OK, &h, BodyOut::Chunked, true, false);
+        encode_response_head(
+            &mut out,
+            StatusCode::OK,
+            &r.headers,
+            BodyOut::Chunked,
+            true,
+            false,
+        );
         let s = String::from_utf8(out.to_vec()).unwrap();
         assert_eq!(
             s,

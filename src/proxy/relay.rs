@@ -15,6 +15,7 @@ use super::response::{relay_response, up_read, watched, Watch};
 use super::send::{connect, send_request, write_upstream, BodySend, SendError};
 use super::{After, Downstream, Failure, ReadOutcome, Sent, CLIENT_BUF, CLIENT_CLOSED};
 use crate::config::Group;
+use crate::http::fields::{Fields, Known};
 use crate::http::head::{self, HeadScanner, Request};
 use crate::http::respond::errors;
 use crate::io::cancelable_read_append;
@@ -38,8 +39,8 @@ pub(super) async fn exchange(
 ) -> After {
     let start = Instant::now();
     let forward = &ctx.config.forwards[fwd];
-    let method = req.head.method.clone();
-    let path = req.head.uri.path().to_owned();
+    let method = req.method.clone();
+    let path = req.target.path().to_owned();
     let send_limit = forward.idle_timeout;
 
     let outcome = run(ctx, fwd, d, &req, start).await;
@@ -155,12 +156,12 @@ async fn run(
             return Err((Failure::ClientGone, Sent::Nothing));
         }
     }
-    let group_idx = ctx.route(fwd, req.head.uri.path());
+    let group_idx = ctx.route(fwd, req.target.path());
     let group = &ctx.config.groups[group_idx];
     let retry = group.client.retry.as_ref();
     let replay_cap = retry.map_or(DEFAULT_REPLAY_CAP, |r| r.max_replay_body_bytes);
     let mut body = BodySend::new(req.framing, forward.max_body_bytes, replay_cap);
-    let idempotent = is_idempotent(&req.head);
+    let idempotent = is_idempotent(req);
     let deadline = start + group.client.request_timeout;
     let mut tried: Vec<usize> = Vec::new();
     let mut retries = 0u32;
@@ -315,16 +316,16 @@ fn status_kind(status: u16) -> Option<UpstreamErrorKind> {
     }
 }
 
-fn is_idempotent(head: &http::request::Parts) -> bool {
+fn is_idempotent(req: &Request) -> bool {
     matches!(
-        head.method,
+        req.method,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
-    ) || head.headers.contains_key("idempotency-key")
+    ) || req.headers.contains(Known::IdempotencyKey)
 }
 
 /// `Retry-After` in delta-seconds (an HTTP date is ignored).
-fn retry_after(h: &http::HeaderMap) -> Option<Duration> {
-    let v = h.get(http::header::RETRY_AFTER)?.to_str().ok()?.trim();
+fn retry_after(h: &Fields) -> Option<Duration> {
+    let v = std::str::from_utf8(h.get(Known::RetryAfter)?.trim_ascii()).ok()?;
     v.parse::<u64>().ok().map(Duration::from_secs)
 }
 
@@ -366,8 +367,8 @@ async fn attempt(
         client_proto: "http",
         framing: req.framing,
     };
-    encode_request_head(&mut d.out.ubuf, &req.head, &outgoing);
-    let idempotent = is_idempotent(&req.head);
+    encode_request_head(&mut d.out.ubuf, req, &outgoing);
+    let idempotent = is_idempotent(req);
     match send_request(ctx, fwd, d, body, &mut conn, group).await {
         Ok(()) => {}
         Err(SendError::Client(f)) => return failed(f, true),
@@ -406,14 +407,10 @@ async fn attempt(
         let head_deadline = (sent_at + client.first_byte_timeout).min(total_deadline);
         let mut scanner = HeadScanner::default();
         let resp = loop {
-            match head::take_response(
-                &mut conn.rbuf,
-                &mut scanner,
-                MAX_RESPONSE_HEAD,
-                &req.head.method,
-            ) {
-                Ok(Some(r)) if r.head.status.is_informational() => {
-                    if r.head.status == http::StatusCode::SWITCHING_PROTOCOLS {
+            match head::take_response(&mut conn.rbuf, &mut scanner, MAX_RESPONSE_HEAD, &req.method)
+            {
+                Ok(Some(r)) if r.status.is_informational() => {
+                    if r.status == http::StatusCode::SWITCHING_PROTOCOLS {
                         return Err(failed(Failure::bad_response(), true));
                     }
                     continue;
@@ -440,7 +437,7 @@ async fn attempt(
                             .await
                             .map_err(|f| failed(f, true))?;
                         out.ubuf.clear();
-                        encode_request_head(&mut out.ubuf, &req.head, &outgoing);
+                        encode_request_head(&mut out.ubuf, req, &outgoing);
                         body.encode_kept(&mut out.ubuf);
                         write_upstream(&mut conn, &mut out.ubuf, client.stream_idle_timeout)
                             .await
@@ -454,13 +451,12 @@ async fn attempt(
         };
         let head_after = sent_at.elapsed();
         // A retryable answer is not relayed when the retry policy allows another attempt.
-        if let (Some(b), Some(_)) = (&budget, status_kind(resp.head.status.as_u16())) {
+        if let (Some(b), Some(_)) = (&budget, status_kind(resp.status.as_u16())) {
             if body.replayable() && body.complete() {
-                let wait =
-                    retry_after(&resp.head.headers).map_or(b.backoff, |ra| ra.max(b.backoff));
+                let wait = retry_after(&resp.headers).map_or(b.backoff, |ra| ra.max(b.backoff));
                 if Instant::now() + wait < b.deadline {
                     return Err(Attempt::Retry {
-                        status: resp.head.status.as_u16(),
+                        status: resp.status.as_u16(),
                         wait,
                         head_after,
                     });

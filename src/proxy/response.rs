@@ -14,6 +14,7 @@ use monoio::BufResult;
 use super::{After, ClientOut, Failure, ReadOutcome, Sent};
 use crate::config::Group;
 use crate::http::body::{encode_chunk, BodyDecoder, Framing, Step, LAST_CHUNK};
+use crate::http::fields::Known;
 use crate::http::head::{Request, Response};
 use crate::http::respond::{encode_response_head, BodyOut};
 use crate::io::read_append;
@@ -94,15 +95,14 @@ pub async fn relay_response<W: Future<Output = BufResult<usize, BytesMut>>>(
 ) -> Result<(u16, After, bool), (Failure, Sent)> {
     let forward = &ctx.config.forwards[fwd];
     let client = &group.client;
-    let status = resp.head.status.as_u16();
+    let status = resp.status.as_u16();
     let is_sse = resp
-        .head
         .headers
-        .get(http::header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+        .get(Known::ContentType)
+        .is_some_and(|v| v.starts_with(b"text/event-stream"));
     let streamed =
         client.stream && (matches!(resp.framing, Framing::Chunked | Framing::Close) || is_sse);
-    let client_11 = req.head.version == http::Version::HTTP_11;
+    let client_11 = req.version == http::Version::HTTP_11;
     let body_out = match resp.framing {
         Framing::Empty => BodyOut::None,
         Framing::Length(n) => BodyOut::Length(n),
@@ -113,11 +113,11 @@ pub async fn relay_response<W: Future<Output = BufResult<usize, BytesMut>>>(
     out.wbuf.clear();
     encode_response_head(
         &mut out.wbuf,
-        resp.head.status,
-        &resp.head.headers,
+        resp.status,
+        &resp.headers,
         body_out,
         keep_client,
-        req.head.method == Method::HEAD,
+        req.method == Method::HEAD,
     );
     let head_sent = Sent::Head(status);
     let mut dec = BodyDecoder::new(resp.framing);

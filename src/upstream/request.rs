@@ -3,15 +3,13 @@
 //! operations applied.
 
 use bytes::BytesMut;
-use http::header::{AUTHORIZATION, HOST, USER_AGENT};
+use http::header::{AUTHORIZATION, USER_AGENT};
 use http::{HeaderName, HeaderValue};
 
 use crate::config::{Auth, HeaderOp, Upstream};
 use crate::http::body::Framing;
-use crate::http::head::{connection_listed, is_hop_by_hop};
-
-static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+use crate::http::fields::Known;
+use crate::http::head::Request;
 
 /// Joins the upstream's base path and the client's path: the base is added unless the client
 /// path already starts with it as a whole segment (`/v1` + `/v1/chat` → `/v1/chat`,
@@ -42,50 +40,45 @@ pub struct Outgoing<'a> {
 }
 
 /// Appends the request head sent to the upstream.
-pub fn encode_request_head(out: &mut BytesMut, req: &http::request::Parts, o: &Outgoing<'_>) {
+pub fn encode_request_head(out: &mut BytesMut, req: &Request, o: &Outgoing<'_>) {
     let h = &req.headers;
     out.extend_from_slice(req.method.as_str().as_bytes());
     out.push_space();
-    let pq = req
-        .uri
-        .path_and_query()
-        .map(|pq| pq.as_str())
-        .unwrap_or("/");
-    join_path(&o.upstream.base_path, pq, out);
+    join_path(&o.upstream.base_path, req.target.as_str(), out);
     out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
     out.extend_from_slice(o.upstream.host_header.as_bytes());
     out.extend_from_slice(b"\r\n");
 
     let ops = &o.upstream.headers;
     let auth_set = !matches!(o.upstream.auth, Auth::None);
-    let mut prior_xff: Option<&HeaderValue> = None;
-    for (name, value) in h {
-        if name == HOST
-            || is_hop_by_hop(name)
-            || connection_listed(h, name)
-            || name == http::header::EXPECT
-            || name == USER_AGENT
-            || name == X_FORWARDED_PROTO
-            || (auth_set && name == AUTHORIZATION)
+    let mut prior_xff: Option<&[u8]> = None;
+    for f in h.iter() {
+        if f.kind.is_hop_by_hop()
+            || matches!(
+                f.kind,
+                Known::Host | Known::Expect | Known::UserAgent | Known::XForwardedProto
+            )
+            || (auth_set && f.kind == Known::Authorization)
+            || h.connection_lists(f.name)
         {
             continue;
         }
-        if name == X_FORWARDED_FOR {
-            prior_xff = Some(value);
+        if f.kind == Known::XForwardedFor {
+            prior_xff = Some(f.value);
             continue;
         }
         if ops.iter().any(|op| match op {
-            HeaderOp::Replace(n, _) | HeaderOp::Remove(n) => n == name,
+            HeaderOp::Replace(n, _) | HeaderOp::Remove(n) => n.as_str().as_bytes() == f.name,
             HeaderOp::Insert(..) => false,
         }) {
             continue;
         }
-        put(out, name.as_str(), value.as_bytes());
+        put_raw(out, f.name, f.value);
     }
     // X-Forwarded-For: the client's list with the peer appended.
     out.extend_from_slice(b"x-forwarded-for: ");
     if let Some(v) = prior_xff {
-        out.extend_from_slice(v.as_bytes());
+        out.extend_from_slice(v);
         out.extend_from_slice(b", ");
     }
     out.extend_from_slice(o.client_ip.as_bytes());
@@ -109,7 +102,8 @@ pub fn encode_request_head(out: &mut BytesMut, req: &http::request::Parts, o: &O
     for op in ops {
         match op {
             HeaderOp::Insert(n, v) => {
-                let present = h.contains_key(n) && !(n == AUTHORIZATION && auth_set);
+                let present =
+                    h.contains_name(n.as_str().as_bytes()) && !(n == AUTHORIZATION && auth_set);
                 let set_by_us = n == USER_AGENT || n == AUTHORIZATION && auth_set;
                 if !present && !set_by_us {
                     put(out, n.as_str(), v.as_bytes());
@@ -127,7 +121,7 @@ pub fn encode_request_head(out: &mut BytesMut, req: &http::request::Parts, o: &O
         }
         Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
         Framing::Empty | Framing::Close => {
-            if req.headers.contains_key(http::header::CONTENT_LENGTH) {
+            if h.contains(Known::ContentLength) {
                 out.extend_from_slice(b"content-length: 0\r\n");
             }
         }
@@ -136,7 +130,11 @@ pub fn encode_request_head(out: &mut BytesMut, req: &http::request::Parts, o: &O
 }
 
 fn put(out: &mut BytesMut, name: &str, value: &[u8]) {
-    out.extend_from_slice(name.as_bytes());
+    put_raw(out, name.as_bytes(), value);
+}
+
+fn put_raw(out: &mut BytesMut, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
     out.extend_from_slice(b": ");
     out.extend_from_slice(value);
     out.extend_from_slice(b"\r\n");
