@@ -3,6 +3,7 @@
 //! → finish. Failures carry who was at fault and what was already sent; `Failure::reply` is the
 //! one place that turns them into a status.
 
+mod deadline;
 mod relay;
 mod response;
 mod send;
@@ -25,6 +26,7 @@ use crate::http::respond::{encode_error, errors, ErrorReply};
 use crate::io::{cancelable_read_append, read_append};
 use crate::shard::signal::{race, Either};
 use crate::shard::ShardCtx;
+use deadline::Deadlines;
 
 /// Why an exchange failed, and whose fault it was.
 pub enum Failure {
@@ -89,7 +91,25 @@ pub struct Downstream {
 pub struct ClientIn {
     pub r: OwnedReadHalf<TcpStream>,
     pub rbuf: BytesMut,
+    /// Deadlines of reads from the client: [`IN_IDLE`], [`IN_HEAD`].
+    pub timers: Deadlines<2>,
 }
+
+/// Waiting for the next request (keep-alive idle or the first request's header timeout).
+const IN_IDLE: usize = 0;
+/// Reading a head or a body (the header timeout).
+const IN_HEAD: usize = 1;
+
+/// Writing to the client.
+pub const OUT_WRITE: usize = 0;
+/// Writing to the upstream.
+pub const UP_WRITE: usize = 1;
+/// Waiting for the upstream's response head.
+pub const UP_HEAD: usize = 2;
+/// Reading a buffered response body (the request timeout).
+pub const UP_TOTAL: usize = 3;
+/// Reading a streamed response body (the stream idle timeout).
+pub const UP_STREAM: usize = 4;
 
 /// The client's write half and scratch buffers.
 pub struct ClientOut {
@@ -103,6 +123,9 @@ pub struct ClientOut {
     /// The connection ends after an error reply while the client may still be sending: close
     /// lingeringly so our answer is not destroyed by a reset.
     pub linger: bool,
+    /// Deadlines of this connection's writes and of its exchanges with upstreams: [`OUT_WRITE`],
+    /// [`UP_WRITE`], [`UP_HEAD`], [`UP_TOTAL`], [`UP_STREAM`].
+    pub timers: Deadlines<5>,
 }
 
 /// Result of reading from a socket with a deadline.
@@ -120,6 +143,7 @@ impl Downstream {
             inp: ClientIn {
                 r,
                 rbuf: BytesMut::with_capacity(CLIENT_BUF),
+                timers: Deadlines::new(),
             },
             out: ClientOut {
                 w,
@@ -128,6 +152,7 @@ impl Downstream {
                 peer_ip: peer.ip().to_string().into(),
                 peer_addr: peer.ip(),
                 linger: false,
+                timers: Deadlines::new(),
             },
         }
     }
@@ -138,9 +163,13 @@ impl ClientIn {
     pub async fn read_more(&mut self, deadline: Instant) -> ReadOutcome {
         reserve(&mut self.rbuf, CLIENT_BUF);
         let buf = mem::take(&mut self.rbuf);
-        match monoio::time::timeout_at(deadline.into(), read_append(&mut self.r, buf)).await {
-            Err(_) => ReadOutcome::Timeout,
-            Ok((res, buf)) => {
+        match self
+            .timers
+            .run(IN_HEAD, deadline, read_append(&mut self.r, buf))
+            .await
+        {
+            None => ReadOutcome::Timeout,
+            Some((res, buf)) => {
                 self.rbuf = buf;
                 match res {
                     Ok(0) => ReadOutcome::Eof,
@@ -159,12 +188,13 @@ impl ClientOut {
             return Ok(());
         }
         let buf = mem::take(&mut self.wbuf);
-        match monoio::time::timeout(limit, self.w.write_all(buf)).await {
-            Err(_) => Err(io::Error::new(
+        let at = Instant::now() + limit;
+        match self.timers.run(OUT_WRITE, at, self.w.write_all(buf)).await {
+            None => Err(io::Error::new(
                 io::ErrorKind::TimedOut,
                 "client write timed out",
             )),
-            Ok((res, mut buf)) => {
+            Some((res, mut buf)) => {
                 buf.clear();
                 self.wbuf = buf;
                 res.map(|_| ())
@@ -269,9 +299,11 @@ async fn read_request(
         let read =
             cancelable_read_append(&mut d.inp.r, mem::take(&mut d.inp.rbuf), canceller.handle());
         let mut read = pin!(read);
+        let idle_at = Instant::now() + idle;
+        let idle_timer = &mut d.inp.timers;
         let stop = pin!(async {
             monoio::select! {
-                _ = monoio::time::sleep(idle) => {},
+                _ = idle_timer.sleep_until(IN_IDLE, idle_at) => {},
                 _ = ctx.drain.wait() => {},
             }
         });

@@ -13,7 +13,7 @@ use monoio::io::Canceller;
 
 use super::response::{relay_response, up_read, watched, Watch};
 use super::send::{connect, send_request, write_upstream, BodySend, SendError};
-use super::{After, Downstream, Failure, ReadOutcome, Sent, CLIENT_BUF, CLIENT_CLOSED};
+use super::{After, Downstream, Failure, ReadOutcome, Sent, CLIENT_BUF, CLIENT_CLOSED, UP_HEAD};
 use crate::config::Group;
 use crate::http::fields::{Fields, Known};
 use crate::http::head::{self, HeadScanner, Request};
@@ -420,7 +420,7 @@ async fn attempt(
                 Err(_) => return Err(failed(Failure::bad_response(), true)),
             }
             let got = watched(
-                up_read(&mut conn, head_deadline),
+                up_read(&mut conn, &mut out.timers, UP_HEAD, head_deadline),
                 watch_fut.as_mut(),
                 &mut watch,
                 &mut parked,
@@ -439,9 +439,14 @@ async fn attempt(
                         out.ubuf.clear();
                         encode_request_head(&mut out.ubuf, req, &outgoing);
                         body.encode_kept(&mut out.ubuf);
-                        write_upstream(&mut conn, &mut out.ubuf, client.stream_idle_timeout)
-                            .await
-                            .map_err(|_| failed(Failure::bad_response(), true))?;
+                        write_upstream(
+                            &mut conn,
+                            &mut out.ubuf,
+                            &mut out.timers,
+                            client.stream_idle_timeout,
+                        )
+                        .await
+                        .map_err(|_| failed(Failure::bad_response(), true))?;
                         scanner.reset();
                         continue;
                     }

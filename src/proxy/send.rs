@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use monoio::io::AsyncWriteRentExt;
 
-use super::{Downstream, Failure, ReadOutcome};
+use super::deadline::Deadlines;
+use super::{Downstream, Failure, ReadOutcome, UP_WRITE};
 use crate::config::Group;
 use crate::http::body::{encode_chunk, BodyDecoder, BodyError, Framing, Step, LAST_CHUNK};
 use crate::http::respond::errors;
@@ -136,15 +137,17 @@ pub async fn connect(ctx: &ShardCtx, uidx: usize, group: &Group) -> Result<UpCon
 pub async fn write_upstream(
     conn: &mut UpConn,
     buf: &mut BytesMut,
+    timers: &mut Deadlines<5>,
     limit: Duration,
 ) -> io::Result<()> {
     let b = mem::take(buf);
-    match monoio::time::timeout(limit, conn.stream.write_all(b)).await {
-        Err(_) => Err(io::Error::new(
+    let at = Instant::now() + limit;
+    match timers.run(UP_WRITE, at, conn.stream.write_all(b)).await {
+        None => Err(io::Error::new(
             io::ErrorKind::TimedOut,
             "upstream write timed out",
         )),
-        Ok((res, b)) => {
+        Some((res, b)) => {
             *buf = b;
             res.map(|_| ())
         }
@@ -165,7 +168,7 @@ pub async fn send_request(
     let limit = group.client.stream_idle_timeout;
     macro_rules! flush {
         () => {{
-            write_upstream(conn, &mut d.out.ubuf, limit)
+            write_upstream(conn, &mut d.out.ubuf, &mut d.out.timers, limit)
                 .await
                 .map_err(|_| SendError::Upstream)?;
             d.out.ubuf.clear();
