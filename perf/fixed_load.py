@@ -5,11 +5,16 @@ For instruction counts (callgrind) a fixed amount of work matters more than spee
 instructions divided by N is its cost per request. Every answer must be a 200 with the body its
 Content-Length (or chunked framing) announces, or the run fails.
 
-    perf/fixed_load.py PORT N [CONNS]
+    perf/fixed_load.py PORT N [CONNS] [GAP_US]
+
+GAP_US waits that long after each answer before the next request on that connection, so that a
+slow (instrumented) proxy has finished with one request before the next arrives: every request
+then takes the same path, and instruction counts repeat from run to run.
 """
 import selectors
 import socket
 import sys
+import time
 
 BODY = b'{"model":"mock","messages":[{"role":"user","content":"Say hello in one short sentence."}]}'
 REQ = (
@@ -44,6 +49,7 @@ def response_end(buf):
 def main():
     port, total = int(sys.argv[1]), int(sys.argv[2])
     conns = int(sys.argv[3]) if len(sys.argv) > 3 else 1
+    gap = int(sys.argv[4]) / 1e6 if len(sys.argv) > 4 else 0
     sel = selectors.DefaultSelector()
     sent = done = 0
     for _ in range(min(conns, total)):
@@ -65,6 +71,8 @@ def main():
             del buf[:n]
             done += 1
             if sent < total:
+                if gap:
+                    time.sleep(gap)
                 s.sendall(REQ)
                 sent += 1
             else:
