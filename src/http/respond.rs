@@ -50,7 +50,7 @@ pub fn encode_response_head(
         BodyOut::None => {}
         BodyOut::Length(n) => {
             out.extend_from_slice(b"content-length: ");
-            out.extend_from_slice(itoa_u64(n).as_bytes());
+            put_decimal(out, n);
             out.extend_from_slice(b"\r\n");
         }
         BodyOut::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
@@ -62,8 +62,19 @@ pub fn encode_response_head(
     out.extend_from_slice(b"\r\n");
 }
 
-fn itoa_u64(n: u64) -> String {
-    n.to_string()
+/// Appends `n` in decimal (no allocation).
+pub fn put_decimal(out: &mut BytesMut, mut n: u64) {
+    let mut tmp = [0u8; 20];
+    let mut i = tmp.len();
+    loop {
+        i -= 1;
+        tmp[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&tmp[i..]);
 }
 
 /// An error the proxy answers itself, in the OpenAI error shape.
@@ -251,6 +262,15 @@ mod tests {
         assert_eq!(v["error"]["code"], "upstream_timeout");
         assert_eq!(v["error"]["type"], "server_error");
         assert!(v["error"]["message"].is_string());
+    }
+
+    #[test]
+    fn decimal() {
+        for n in [0u64, 7, 10, 99, 1234567890, u64::MAX] {
+            let mut out = BytesMut::new();
+            put_decimal(&mut out, n);
+            assert_eq!(&out[..], n.to_string().as_bytes());
+        }
     }
 
     #[test]

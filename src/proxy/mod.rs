@@ -93,6 +93,9 @@ pub struct ClientIn {
     pub rbuf: BytesMut,
     /// Deadlines of reads from the client: [`IN_IDLE`], [`IN_HEAD`].
     pub timers: Deadlines<2>,
+    /// Cancels the idle read between requests (on timeout or drain); kept across requests so
+    /// that waiting costs no allocation.
+    idle_cancel: Canceller,
 }
 
 /// Waiting for the next request (keep-alive idle or the first request's header timeout).
@@ -144,6 +147,7 @@ impl Downstream {
                 r,
                 rbuf: BytesMut::with_capacity(CLIENT_BUF),
                 timers: Deadlines::new(),
+                idle_cancel: Canceller::new(),
             },
             out: ClientOut {
                 w,
@@ -295,9 +299,11 @@ async fn read_request(
             return Ok(None);
         }
         reserve(&mut d.inp.rbuf, CLIENT_BUF);
-        let canceller = Canceller::new();
-        let read =
-            cancelable_read_append(&mut d.inp.r, mem::take(&mut d.inp.rbuf), canceller.handle());
+        let read = cancelable_read_append(
+            &mut d.inp.r,
+            mem::take(&mut d.inp.rbuf),
+            d.inp.idle_cancel.handle(),
+        );
         let mut read = pin!(read);
         let idle_at = Instant::now() + idle;
         let idle_timer = &mut d.inp.timers;
@@ -310,7 +316,7 @@ async fn read_request(
         let (res, buf) = match race(read.as_mut(), stop).await {
             Either::Left(r) => r,
             Either::Right(()) => {
-                let _c = canceller.cancel();
+                d.inp.idle_cancel = mem::take(&mut d.inp.idle_cancel).cancel();
                 read.await
             }
         };

@@ -39,15 +39,14 @@ pub(super) async fn exchange(
 ) -> After {
     let start = Instant::now();
     let forward = &ctx.config.forwards[fwd];
-    let method = req.method.clone();
-    let path = req.target.path().to_owned();
     let send_limit = forward.idle_timeout;
 
     let outcome = run(ctx, fwd, d, &req, start).await;
     let elapsed = start.elapsed();
+    let (method, path) = (&req.method, req.target.path());
     match outcome {
         Ok((status, after)) => {
-            ctx.stats.http_request(fwd, &method, &path, status, elapsed);
+            ctx.stats.http_request(fwd, method, path, status, elapsed);
             if after == After::KeepAlive && req.keep_alive && !ctx.drain.fired() {
                 After::KeepAlive
             } else {
@@ -57,7 +56,7 @@ pub(super) async fn exchange(
         Err((Failure::Client(reply), _)) | Err((Failure::Upstream(reply, _), Sent::Nothing)) => {
             ctx.stats.http_error(fwd, reply.code, reply.status.as_u16());
             ctx.stats
-                .http_request(fwd, &method, &path, reply.status.as_u16(), elapsed);
+                .http_request(fwd, method, path, reply.status.as_u16(), elapsed);
             // After a failure the request body may be half read: close to stay in sync.
             d.out.reply_error(&reply, false, send_limit).await;
             After::Close
@@ -66,12 +65,12 @@ pub(super) async fn exchange(
             // The answer already began: cut the connection so the client sees a broken stream,
             // never a clean end.
             ctx.stats.http_error(fwd, reply.code, status);
-            ctx.stats.http_request(fwd, &method, &path, status, elapsed);
+            ctx.stats.http_request(fwd, method, path, status, elapsed);
             After::Close
         }
         Err((Failure::Limited(reply, secs), _)) => {
             ctx.stats.http_error(fwd, reply.code, 429);
-            ctx.stats.http_request(fwd, &method, &path, 429, elapsed);
+            ctx.stats.http_request(fwd, method, path, 429, elapsed);
             // Nothing of the body was read: the connection stays usable only without one.
             let keep = req.keep_alive
                 && req.framing == crate::http::body::Framing::Empty
@@ -89,7 +88,7 @@ pub(super) async fn exchange(
         Err((Failure::ClientGone, _)) => {
             ctx.stats.http_error(fwd, "client_closed", CLIENT_CLOSED);
             ctx.stats
-                .http_request(fwd, &method, &path, CLIENT_CLOSED, elapsed);
+                .http_request(fwd, method, path, CLIENT_CLOSED, elapsed);
             After::Close
         }
     }
@@ -163,12 +162,12 @@ async fn run(
     let mut body = BodySend::new(req.framing, forward.max_body_bytes, replay_cap);
     let idempotent = is_idempotent(req);
     let deadline = start + group.client.request_timeout;
-    let mut tried: Vec<usize> = Vec::new();
+    let mut tried = Tried::default();
     let mut retries = 0u32;
     let mut last: Option<Failure> = None;
 
     loop {
-        let Some(uidx) = ctx.pick(group_idx, d.out.peer_addr, &tried) else {
+        let Some(uidx) = ctx.pick(group_idx, d.out.peer_addr, tried.as_slice()) else {
             let f = last.unwrap_or_else(|| no_upstream(ctx, group));
             return Err((f, Sent::Nothing));
         };
@@ -293,9 +292,50 @@ fn no_upstream(ctx: &ShardCtx, group: &Group) -> Failure {
 }
 
 /// Retries prefer members not tried yet; when every member was tried, any may take the retry.
-fn retry_any_member(group: &Group, tried: &mut Vec<usize>) {
-    if group.members.iter().all(|m| tried.contains(&m.upstream)) {
+fn retry_any_member(group: &Group, tried: &mut Tried) {
+    if group
+        .members
+        .iter()
+        .all(|m| tried.as_slice().contains(&m.upstream))
+    {
         tried.clear();
+    }
+}
+
+/// Members already tried for one request: inline (no allocation) up to [`Tried::INLINE`].
+#[derive(Default)]
+struct Tried {
+    len: usize,
+    inline: [usize; Tried::INLINE],
+    spill: Vec<usize>,
+}
+
+impl Tried {
+    const INLINE: usize = 8;
+
+    fn as_slice(&self) -> &[usize] {
+        if self.spill.is_empty() {
+            &self.inline[..self.len]
+        } else {
+            &self.spill
+        }
+    }
+
+    fn push(&mut self, upstream: usize) {
+        if self.spill.is_empty() && self.len < Self::INLINE {
+            self.inline[self.len] = upstream;
+            self.len += 1;
+        } else {
+            if self.spill.is_empty() {
+                self.spill.extend_from_slice(&self.inline[..self.len]);
+            }
+            self.spill.push(upstream);
+        }
+    }
+
+    fn clear(&mut self) {
+        self.len = 0;
+        self.spill.clear();
     }
 }
 
@@ -525,5 +565,25 @@ async fn attempt(
             Attempt::Done(status, After::Close, head)
         }
         other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Tried;
+
+    #[test]
+    fn tried_spills_past_its_inline_room_and_clears() {
+        let mut t = Tried::default();
+        for u in 0..Tried::INLINE + 3 {
+            t.push(u * 10);
+            assert_eq!(t.as_slice().len(), u + 1);
+        }
+        let want: Vec<usize> = (0..Tried::INLINE + 3).map(|u| u * 10).collect();
+        assert_eq!(t.as_slice(), &want[..]);
+        t.clear();
+        assert!(t.as_slice().is_empty());
+        t.push(7);
+        assert_eq!(t.as_slice(), &[7]);
     }
 }

@@ -26,7 +26,10 @@ const FLUSH_AT: usize = 64 * 1024;
 pub struct BodySend {
     dec: BodyDecoder,
     chunked: bool,
-    kept: Vec<Bytes>,
+    /// The body read so far, for a replay: the first piece inline (most bodies arrive in one
+    /// read, so keeping them allocates nothing), later ones in `kept_more`.
+    kept_first: Option<Bytes>,
+    kept_more: Vec<Bytes>,
     kept_len: usize,
     cap: usize,
     max_body: u64,
@@ -40,7 +43,8 @@ impl BodySend {
         BodySend {
             dec: BodyDecoder::new(framing).with_limit(max_body),
             chunked: framing == Framing::Chunked,
-            kept: Vec::new(),
+            kept_first: None,
+            kept_more: Vec::new(),
             kept_len: 0,
             cap: replay_cap,
             max_body,
@@ -62,7 +66,7 @@ impl BodySend {
 
     /// Appends the whole kept body, framed, for a replay (only when `complete()`).
     pub fn encode_kept(&self, out: &mut BytesMut) {
-        for piece in &self.kept {
+        for piece in self.kept() {
             self.put(out, piece);
         }
         if self.chunked {
@@ -76,12 +80,22 @@ impl BodySend {
         }
         if self.kept_len + b.len() <= self.cap {
             self.kept_len += b.len();
-            self.kept.push(b.clone());
+            if self.kept_first.is_none() {
+                self.kept_first = Some(b.clone());
+            } else {
+                self.kept_more.push(b.clone());
+            }
         } else {
             self.lost = true;
-            self.kept = Vec::new();
+            self.kept_first = None;
+            self.kept_more = Vec::new();
             self.kept_len = 0;
         }
+    }
+
+    /// The kept pieces in order.
+    fn kept(&self) -> impl Iterator<Item = &Bytes> + '_ {
+        self.kept_first.iter().chain(&self.kept_more)
     }
 
     fn put(&self, out: &mut BytesMut, b: &[u8]) {
@@ -174,9 +188,8 @@ pub async fn send_request(
             d.out.ubuf.clear();
         }};
     }
-    for i in 0..body.kept.len() {
-        let piece = body.kept[i].clone();
-        body.put(&mut d.out.ubuf, &piece);
+    for piece in body.kept() {
+        body.put(&mut d.out.ubuf, piece);
         if d.out.ubuf.len() >= FLUSH_AT {
             flush!();
         }
@@ -221,5 +234,35 @@ pub async fn send_request(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kept_pieces_replay_in_order_and_past_the_cap_are_dropped() {
+        let mut b = BodySend::new(Framing::Length(11), 1 << 20, 64);
+        for piece in [&b"hel"[..], b"lo ", b"world"] {
+            b.keep(&Bytes::copy_from_slice(piece));
+        }
+        let mut out = BytesMut::new();
+        b.encode_kept(&mut out);
+        assert_eq!(&out[..], b"hello world");
+        assert!(b.replayable());
+
+        let mut c = BodySend::new(Framing::Chunked, 1 << 20, 64);
+        c.keep(&Bytes::from_static(b"abc"));
+        c.keep(&Bytes::from_static(b"de"));
+        let mut out = BytesMut::new();
+        c.encode_kept(&mut out);
+        assert_eq!(&out[..], b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n");
+
+        let mut d = BodySend::new(Framing::Length(100), 1 << 20, 4);
+        d.keep(&Bytes::from_static(b"abc"));
+        d.keep(&Bytes::from_static(b"de"));
+        assert!(!d.replayable());
+        assert_eq!(d.kept().count(), 0);
     }
 }

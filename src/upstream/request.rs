@@ -10,6 +10,7 @@ use crate::config::{Auth, HeaderOp, Upstream};
 use crate::http::body::Framing;
 use crate::http::fields::Known;
 use crate::http::head::Request;
+use crate::http::respond::put_decimal;
 
 /// Joins the upstream's base path and the client's path: the base is added unless the client
 /// path already starts with it as a whole segment (`/v1` + `/v1/chat` → `/v1/chat`,
@@ -116,7 +117,7 @@ pub fn encode_request_head(out: &mut BytesMut, req: &Request, o: &Outgoing<'_>) 
     match o.framing {
         Framing::Length(n) => {
             out.extend_from_slice(b"content-length: ");
-            out.extend_from_slice(n.to_string().as_bytes());
+            put_decimal(out, n);
             out.extend_from_slice(b"\r\n");
         }
         Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
