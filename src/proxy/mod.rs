@@ -91,17 +91,21 @@ pub struct Downstream {
 pub struct ClientIn {
     pub r: OwnedReadHalf<TcpStream>,
     pub rbuf: BytesMut,
-    /// Deadlines of reads from the client: [`IN_IDLE`], [`IN_HEAD`].
-    pub timers: Deadlines<2>,
+    /// Deadlines of reads from the client: [`IN_IDLE`], [`IN_HEAD`], [`IN_WATCH`].
+    pub timers: Deadlines<3>,
     /// Cancels the idle read between requests (on timeout or drain); kept across requests so
     /// that waiting costs no allocation.
     idle_cancel: Canceller,
+    /// Cancels the read that watches the client during an exchange (replaced after each use).
+    pub watch_cancel: Canceller,
 }
 
 /// Waiting for the next request (keep-alive idle or the first request's header timeout).
 const IN_IDLE: usize = 0;
 /// Reading a head or a body (the header timeout).
 const IN_HEAD: usize = 1;
+/// When an exchange starts watching the client for a disconnect.
+pub const IN_WATCH: usize = 2;
 
 /// Writing to the client.
 pub const OUT_WRITE: usize = 0;
@@ -148,6 +152,7 @@ impl Downstream {
                 rbuf: BytesMut::with_capacity(CLIENT_BUF),
                 timers: Deadlines::new(),
                 idle_cancel: Canceller::new(),
+                watch_cancel: Canceller::new(),
             },
             out: ClientOut {
                 w,

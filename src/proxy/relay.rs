@@ -3,17 +3,19 @@
 //! member (failover) or, when configured, retries with backoff; once the answer began, a failure
 //! cuts the client connection and is never replayed.
 
+use std::cell::Cell;
 use std::mem;
 use std::pin::pin;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use http::Method;
-use monoio::io::Canceller;
 
 use super::response::{relay_response, up_read, watched, Watch};
 use super::send::{connect, send_request, write_upstream, BodySend, SendError};
-use super::{After, Downstream, Failure, ReadOutcome, Sent, CLIENT_BUF, CLIENT_CLOSED, UP_HEAD};
+use super::{
+    After, Downstream, Failure, ReadOutcome, Sent, CLIENT_BUF, CLIENT_CLOSED, IN_WATCH, UP_HEAD,
+};
 use crate::config::Group;
 use crate::http::fields::{Fields, Known};
 use crate::http::head::{self, HeadScanner, Request};
@@ -29,6 +31,8 @@ const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 const DEFAULT_REPLAY_CAP: usize = 1 << 20;
 /// Longest backoff between retries.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// How long the upstream may take before the client is watched for a disconnect.
+const WATCH_AFTER: Duration = Duration::from_millis(2);
 
 /// Serves one request. Returns whether the downstream connection stays open.
 pub(super) async fn exchange(
@@ -423,20 +427,31 @@ async fn attempt(
     // again once, to the same upstream, on a fresh connection (the keep-alive race).
     let mut stale_replay = conn.reused && idempotent && body.replayable() && body.complete();
 
-    // Watch the client while the upstream thinks and streams.
+    // Watch the client while the upstream thinks and streams, so that a client that leaves
+    // stops the upstream's work. The watch read starts only once the upstream has taken
+    // WATCH_AFTER: most answers come sooner, and a watch that is never started needs no read
+    // and no cancellation (each a round through the kernel). A client leaving is then noticed
+    // at most WATCH_AFTER later.
     let mut watch = Watch {
         live: d.inp.rbuf.is_empty(),
         gone: false,
     };
-    let canceller = Canceller::new();
-    let watch_buf = if watch.live {
+    let watch_buf: Cell<Option<BytesMut>> = Cell::new(None);
+    if watch.live {
         let mut b = mem::take(&mut d.inp.rbuf);
         super::reserve(&mut b, CLIENT_BUF);
-        b
-    } else {
-        BytesMut::new()
+        watch_buf.set(Some(b));
+    }
+    let started = Cell::new(false);
+    let watch_at = Instant::now() + WATCH_AFTER;
+    let cancel = d.inp.watch_cancel.handle();
+    let (client_r, client_timers) = (&mut d.inp.r, &mut d.inp.timers);
+    let watch_fut = async {
+        client_timers.sleep_until(IN_WATCH, watch_at).await;
+        started.set(true);
+        let buf = watch_buf.take().unwrap_or_default();
+        cancelable_read_append(client_r, buf, cancel).await
     };
-    let watch_fut = cancelable_read_append(&mut d.inp.r, watch_buf, canceller.handle());
     let mut watch_fut = pin!(watch_fut);
     let mut parked = BytesMut::new();
     let out = &mut d.out;
@@ -550,13 +565,15 @@ async fn attempt(
     };
 
     // Stop watching and take back whatever the client sent meanwhile (a pipelined request).
-    if watch.live {
-        let _c = canceller.cancel();
+    if watch.live && started.get() {
+        d.inp.watch_cancel = mem::take(&mut d.inp.watch_cancel).cancel();
         let (res, buf) = watch_fut.await;
         if let Ok(0) = res {
             watch.gone = true;
         }
         d.inp.rbuf = buf;
+    } else if watch.live {
+        d.inp.rbuf = watch_buf.take().unwrap_or_default();
     } else if d.inp.rbuf.is_empty() {
         d.inp.rbuf = parked;
     }
