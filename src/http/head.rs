@@ -10,6 +10,7 @@ use http::{Method, StatusCode, Uri, Version};
 
 use super::body::Framing;
 use super::fields::{Fields, Known};
+use super::scan::{find_crlfcrlf, has_bare_lf};
 
 /// Most header fields in one head (more is 431 for requests, a bad response upstream).
 pub const MAX_HEADERS: usize = 96;
@@ -40,7 +41,7 @@ impl HeadScanner {
     /// Length of the head including its final CRLFCRLF, once complete.
     pub fn find_end(&mut self, buf: &[u8]) -> Option<usize> {
         let from = self.scanned.saturating_sub(3);
-        match memchr_crlfcrlf(&buf[from..]) {
+        match find_crlfcrlf(&buf[from..]) {
             Some(i) => {
                 self.scanned = 0;
                 Some(from + i + 4)
@@ -55,24 +56,6 @@ impl HeadScanner {
     pub fn reset(&mut self) {
         self.scanned = 0;
     }
-}
-
-fn memchr_crlfcrlf(hay: &[u8]) -> Option<usize> {
-    let mut i = 0;
-    while i + 4 <= hay.len() {
-        // Jump between '\n' bytes: heads are mostly text between line ends.
-        match hay[i + 3..].iter().position(|&b| b == b'\n') {
-            None => return None,
-            Some(p) => {
-                let j = i + p; // candidate start
-                if &hay[j..j + 4] == b"\r\n\r\n" {
-                    return Some(j);
-                }
-                i = j + 1;
-            }
-        }
-    }
-    None
 }
 
 /// A parsed request head and what the proxy derived from it.
@@ -190,13 +173,6 @@ impl Target {
             },
         }
     }
-}
-
-/// A `\n` not preceded by `\r`.
-fn has_bare_lf(head: &[u8]) -> bool {
-    head.iter()
-        .enumerate()
-        .any(|(i, &b)| b == b'\n' && (i == 0 || head[i - 1] != b'\r'))
 }
 
 /// Applies RFC 9112 framing rules strictly: anything ambiguous is refused, because an upstream

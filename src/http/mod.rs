@@ -4,3 +4,4 @@ pub mod body;
 pub mod fields;
 pub mod head;
 pub mod respond;
+pub mod scan;
