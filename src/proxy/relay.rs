@@ -406,7 +406,7 @@ async fn attempt(
     let peer_ip = d.out.peer_ip.clone();
     let outgoing = Outgoing {
         upstream,
-        agent: &ctx.agents[group_idx],
+        plan: ctx.head_plan(group_idx, uidx),
         client_ip: &peer_ip,
         client_proto: "http",
         framing: req.framing,

@@ -23,6 +23,7 @@ use crate::config::{Config, Driver};
 use crate::ratelimit::Limits;
 use crate::route::Router;
 use crate::stats::{ShardStats, StatsDelta};
+use crate::upstream::request::HeadPlan;
 use crate::upstream::Pool;
 use signal::DrainSignal;
 
@@ -61,8 +62,9 @@ pub struct ShardCtx {
     rng: Cell<u64>,
     /// Path router per forward.
     routers: Vec<Router>,
-    /// Pre-validated `User-Agent` value per group.
-    pub agents: Vec<HeaderValue>,
+    /// The configuration's part of each upstream request head, per `group * upstreams +
+    /// upstream` (see [`ShardCtx::head_plan`]).
+    head_plans: Vec<HeadPlan>,
     pub drain: DrainSignal,
     /// Open downstream connections.
     pub active: Cell<usize>,
@@ -85,12 +87,16 @@ impl ShardCtx {
                 .iter()
                 .map(|f| Router::new(&f.routes))
                 .collect(),
-            agents: config
+            head_plans: config
                 .groups
                 .iter()
-                .map(|g| {
-                    HeaderValue::from_str(&g.client.agent)
-                        .unwrap_or_else(|_| HeaderValue::from_static("LLMProxy/1.0"))
+                .flat_map(|g| {
+                    let agent = HeaderValue::from_str(&g.client.agent)
+                        .unwrap_or_else(|_| HeaderValue::from_static("LLMProxy/1.0"));
+                    config
+                        .upstreams
+                        .iter()
+                        .map(move |u| HeadPlan::new(u, &agent))
                 })
                 .collect(),
             addrs: shared.addrs.clone(),
@@ -105,6 +111,11 @@ impl ShardCtx {
             active: Cell::new(0),
             config,
         }
+    }
+
+    /// The pre-encoded head parts for requests from `group` to `upstream`.
+    pub fn head_plan(&self, group: usize, upstream: usize) -> &HeadPlan {
+        &self.head_plans[group * self.config.upstreams.len() + upstream]
     }
 
     /// The group a request path goes to: the first matching route, else the forward's group.
