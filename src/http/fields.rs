@@ -2,6 +2,8 @@
 //! own bytes, names lowercased in place and classified once, so the proxy's few lookups are scans
 //! of a short array instead of `http::HeaderMap` hashing, and nothing is copied per field.
 
+use std::cell::RefCell;
+
 use bytes::Bytes;
 
 /// The header names the proxy acts on; every other name is [`Known::Other`].
@@ -98,6 +100,38 @@ pub struct FieldRef<'a> {
 /// Field positions found by [`Fields::locate`], waiting for [`Fields::finish`].
 pub struct Located(Vec<Field>);
 
+/// Field lists kept for reuse on this thread (a shard parses two heads per request; reusing
+/// their lists makes parsing allocation-free). Bounded: beyond it, lists are freed.
+const SPARE_LISTS: usize = 64;
+
+thread_local! {
+    static SPARE: RefCell<Vec<Vec<Field>>> = const { RefCell::new(Vec::new()) };
+}
+
+fn spare_list() -> Vec<Field> {
+    SPARE
+        .try_with(|s| s.borrow_mut().pop())
+        .ok()
+        .flatten()
+        .unwrap_or_default()
+}
+
+impl Drop for Fields {
+    fn drop(&mut self) {
+        let mut list = std::mem::take(&mut self.list);
+        if list.capacity() == 0 {
+            return;
+        }
+        list.clear();
+        let _ = SPARE.try_with(|s| {
+            let mut s = s.borrow_mut();
+            if s.len() < SPARE_LISTS {
+                s.push(list);
+            }
+        });
+    }
+}
+
 /// The header fields of one head, in wire order.
 #[derive(Debug, Clone, Default)]
 pub struct Fields {
@@ -112,18 +146,15 @@ impl Fields {
     /// [`finish`](Self::finish) then completes the list once that borrow has ended.
     pub(super) fn locate(base: *const u8, parsed: &[httparse::Header<'_>]) -> Located {
         let base = base as usize;
-        Located(
-            parsed
-                .iter()
-                .map(|h| Field {
-                    name: (h.name.as_ptr() as usize - base) as u32,
-                    name_len: h.name.len() as u32,
-                    value: (h.value.as_ptr() as usize - base) as u32,
-                    value_len: h.value.len() as u32,
-                    kind: Known::Other,
-                })
-                .collect(),
-        )
+        let mut list = spare_list();
+        list.extend(parsed.iter().map(|h| Field {
+            name: (h.name.as_ptr() as usize - base) as u32,
+            name_len: h.name.len() as u32,
+            value: (h.value.as_ptr() as usize - base) as u32,
+            value_len: h.value.len() as u32,
+            kind: Known::Other,
+        }));
+        Located(list)
     }
 
     /// Lowercases each located name in `head` (HTTP names are case-insensitive and the proxy
@@ -267,6 +298,22 @@ mod tests {
         assert!(f.connection_lists(b"close"));
         let f = parse("GET / HTTP/1.1\r\nX: 1\r\n\r\n");
         assert!(!f.connection_lists(b"x"));
+    }
+
+    #[test]
+    fn dropped_lists_are_reused_and_bounded() {
+        let a = parse("GET / HTTP/1.1\r\nA: 1\r\nB: 2\r\nC: 3\r\n\r\n");
+        let ptr = a.list.as_ptr();
+        drop(a);
+        // The next parse on this thread takes the same storage back, emptied.
+        let b = parse("GET / HTTP/1.1\r\nX: 9\r\n\r\n");
+        assert_eq!(b.list.as_ptr(), ptr);
+        assert_eq!(b.len(), 1);
+        let many: Vec<Fields> = (0..SPARE_LISTS + 10)
+            .map(|_| parse("GET / HTTP/1.1\r\nA: 1\r\n\r\n"))
+            .collect();
+        drop(many);
+        assert_eq!(SPARE.with(|s| s.borrow().len()), SPARE_LISTS);
     }
 
     #[test]
