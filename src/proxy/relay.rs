@@ -139,7 +139,7 @@ async fn run(
     // The per-client limit comes first: a refused request costs no body read and no upstream.
     if let Err(wait) = ctx
         .limits
-        .check_forward(fwd, d.out.peer_addr, Instant::now())
+        .check_forward(fwd, d.out.peer_addr, start)
     {
         return Err((
             Failure::Limited(errors::RATE_LIMITED, wait.secs()),
@@ -178,11 +178,13 @@ async fn run(
         tried.push(uidx);
         // An upstream at its own rate is passed over (another shard may have taken the last
         // token since the balancer looked).
-        if !ctx.limits.upstream_try_acquire(uidx, Instant::now()) {
+        // One clock read for the rate limit, the breaker and the attempt's start.
+        let now = Instant::now();
+        if !ctx.limits.upstream_try_acquire(uidx, now) {
             continue;
         }
         // The breaker may refuse between pick and admission (a half-open probe slot taken).
-        let Some(admission) = ctx.health.admit(uidx, Instant::now()) else {
+        let Some(admission) = ctx.health.admit(uidx, now) else {
             continue;
         };
         let budget = retry.filter(|r| retries < r.attempts).map(|r| RetryBudget {
@@ -190,7 +192,7 @@ async fn run(
             deadline,
         });
         let _in_flight = ctx.in_flight(uidx);
-        let up_start = Instant::now();
+        let up_start = now;
         let res = attempt(
             ctx, fwd, d, req, group_idx, group, uidx, &mut body, start, budget,
         )
@@ -443,7 +445,8 @@ async fn attempt(
         watch_buf.set(Some(b));
     }
     let started = Cell::new(false);
-    let watch_at = Instant::now() + WATCH_AFTER;
+    let sent_at = Instant::now();
+    let watch_at = sent_at + WATCH_AFTER;
     let cancel = d.inp.watch_cancel.handle();
     let (client_r, client_timers) = (&mut d.inp.r, &mut d.inp.timers);
     let watch_fut = async {
@@ -457,7 +460,6 @@ async fn attempt(
     let out = &mut d.out;
 
     let result: Result<(u16, After, bool, Duration), Attempt> = async {
-        let sent_at = Instant::now();
         let total_deadline = start + client.request_timeout;
         let head_deadline = (sent_at + client.first_byte_timeout).min(total_deadline);
         let mut scanner = HeadScanner::default();
