@@ -16,7 +16,10 @@ use crate::http::respond::put_decimal;
 /// path already starts with it as a whole segment (`/v1` + `/v1/chat` → `/v1/chat`,
 /// `/v1` + `/chat` → `/v1/chat`, `/v1` + `/v10` → `/v1/v10`).
 pub fn join_path(base: &str, path_and_query: &str, out: &mut BytesMut) {
-    let path_end = path_and_query.find('?').unwrap_or(path_and_query.len());
+    let path_end = path_and_query
+        .bytes()
+        .position(|b| b == b'?')
+        .unwrap_or(path_and_query.len());
     let path = &path_and_query[..path_end];
     let already = !base.is_empty()
         && path.starts_with(base)
