@@ -137,10 +137,7 @@ async fn run(
 ) -> RunResult {
     let forward = &ctx.config.forwards[fwd];
     // The per-client limit comes first: a refused request costs no body read and no upstream.
-    if let Err(wait) = ctx
-        .limits
-        .check_forward(fwd, d.out.peer_addr, start)
-    {
+    if let Err(wait) = ctx.limits.check_forward(fwd, d.out.peer_addr, start) {
         return Err((
             Failure::Limited(errors::RATE_LIMITED, wait.secs()),
             Sent::Nothing,
