@@ -183,7 +183,7 @@ impl Router {
 
     /// The target group for a request target (`/path?query`), or `None` (use the default group).
     pub fn find(&self, target: &str) -> Option<usize> {
-        let path = match target.find('?') {
+        let path = match target.bytes().position(|b| b == b'?') {
             Some(i) => &target[..i],
             None => target,
         };

@@ -84,10 +84,24 @@ fn failures_seen_by_one_shard_steer_the_others() {
     for _ in 0..8 {
         c.request("GET", "/v1/models", &[], b"");
     }
+    let mut opened_at = 0;
     assert!(
         eventually(Duration::from_secs(2), || {
             let s = proxy.admin_get("/status").json();
+            opened_at = s["epoch"].as_u64().unwrap_or(0);
             s["upstreams"][0]["breaker"]["state"] == "open"
+        }),
+        "{}",
+        proxy.admin_get("/status").text()
+    );
+    // /status shows the control thread's merge; each shard adopts it on its next tick. Once
+    // both report that epoch, both skip `bad`.
+    assert!(
+        eventually(Duration::from_secs(2), || {
+            let s = proxy.admin_get("/status").json();
+            s["shards"].as_array().is_some_and(|a| {
+                a.len() == 2 && a.iter().all(|x| x["epoch"].as_u64() >= Some(opened_at))
+            })
         }),
         "{}",
         proxy.admin_get("/status").text()

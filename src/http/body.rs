@@ -4,6 +4,8 @@
 
 use bytes::{Buf, Bytes, BytesMut};
 
+use super::scan::find_crlf;
+
 /// How a message body is delimited (RFC 9112 §6).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Framing {
@@ -221,10 +223,6 @@ impl BodyDecoder {
             }
         }
     }
-}
-
-fn find_crlf(buf: &[u8]) -> Option<usize> {
-    buf.windows(2).position(|w| w == b"\r\n")
 }
 
 /// `1*HEXDIG [ ; chunk-ext ]` with no whitespace before the size and no bare LF anywhere.

@@ -2,9 +2,9 @@
 //! answers, and canned JSON errors in the OpenAI error shape.
 
 use bytes::BytesMut;
-use http::{HeaderMap, StatusCode};
+use http::StatusCode;
 
-use super::head::{connection_listed, is_hop_by_hop};
+use super::fields::{Fields, Known};
 
 /// How the body the proxy sends to the client is framed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,7 +24,7 @@ pub enum BodyOut {
 pub fn encode_response_head(
     out: &mut BytesMut,
     status: StatusCode,
-    headers: &HeaderMap,
+    headers: &Fields,
     body: BodyOut,
     keep_alive: bool,
     keep_upstream_length: bool,
@@ -34,23 +34,23 @@ pub fn encode_response_head(
     out.extend_from_slice(b" ");
     out.extend_from_slice(status.canonical_reason().unwrap_or("Unknown").as_bytes());
     out.extend_from_slice(b"\r\n");
-    for (name, value) in headers {
-        let is_length = name == http::header::CONTENT_LENGTH;
-        if (is_hop_by_hop(name) && !(is_length && keep_upstream_length))
-            || connection_listed(headers, name)
+    for f in headers.iter() {
+        let is_length = f.kind == Known::ContentLength;
+        if (f.kind.is_hop_by_hop() && !(is_length && keep_upstream_length))
+            || headers.connection_lists(f.name)
         {
             continue;
         }
-        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(f.name);
         out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(f.value);
         out.extend_from_slice(b"\r\n");
     }
     match body {
         BodyOut::None => {}
         BodyOut::Length(n) => {
             out.extend_from_slice(b"content-length: ");
-            out.extend_from_slice(itoa_u64(n).as_bytes());
+            put_decimal(out, n);
             out.extend_from_slice(b"\r\n");
         }
         BodyOut::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
@@ -62,8 +62,19 @@ pub fn encode_response_head(
     out.extend_from_slice(b"\r\n");
 }
 
-fn itoa_u64(n: u64) -> String {
-    n.to_string()
+/// Appends `n` in decimal (no allocation).
+pub fn put_decimal(out: &mut BytesMut, mut n: u64) {
+    let mut tmp = [0u8; 20];
+    let mut i = tmp.len();
+    loop {
+        i -= 1;
+        tmp[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&tmp[i..]);
 }
 
 /// An error the proxy answers itself, in the OpenAI error shape.
@@ -290,15 +301,36 @@ mod tests {
     }
 
     #[test]
+    fn decimal() {
+        for n in [0u64, 7, 10, 99, 1234567890, u64::MAX] {
+            let mut out = BytesMut::new();
+            put_decimal(&mut out, n);
+            assert_eq!(&out[..], n.to_string().as_bytes());
+        }
+    }
+
+    #[test]
     fn relayed_head_drops_hop_by_hop() {
-        let mut h = HeaderMap::new();
-        h.insert("content-type", "text/event-stream".parse().unwrap());
-        h.insert("connection", "keep-alive, x-private".parse().unwrap());
-        h.insert("x-private", "1".parse().unwrap());
-        h.insert("transfer-encoding", "chunked".parse().unwrap());
-        h.insert("content-length", "9".parse().unwrap());
+        let mut raw = BytesMut::from(
+            &b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: keep-alive, X-Private\r\nX-Private: 1\r\nTransfer-Encoding: chunked\r\nContent-Length: 9\r\n\r\n"[..],
+        );
+        let r = crate::http::head::take_response(
+            &mut raw,
+            &mut crate::http::head::HeadScanner::default(),
+            65536,
+            &http::Method::GET,
+        )
+        .unwrap()
+        .unwrap();
         let mut out = BytesMut::new();
-        encode_response_head(&mut out, StatusCode::OK, &h, BodyOut::Chunked, true, false);
+        encode_response_head(
+            &mut out,
+            StatusCode::OK,
+            &r.headers,
+            BodyOut::Chunked,
+            true,
+            false,
+        );
         let s = String::from_utf8(out.to_vec()).unwrap();
         assert_eq!(
             s,

@@ -3,6 +3,7 @@
 //! → finish. Failures carry who was at fault and what was already sent; `Failure::reply` is the
 //! one place that turns them into a status.
 
+mod deadline;
 mod relay;
 mod response;
 mod send;
@@ -26,6 +27,7 @@ use crate::io::{cancelable_read_append, read_append};
 use crate::shard::signal::{race, Either};
 use crate::shard::ShardCtx;
 use crate::tls::stream::InboundConn;
+use deadline::Deadlines;
 
 /// Why an exchange failed, and whose fault it was.
 pub enum Failure {
@@ -90,7 +92,32 @@ pub struct Downstream {
 pub struct ClientIn {
     pub r: OwnedReadHalf<InboundConn>,
     pub rbuf: BytesMut,
+    /// Deadlines of reads from the client: [`IN_IDLE`], [`IN_HEAD`], [`IN_WATCH`].
+    pub timers: Deadlines<3>,
+    /// Cancels the idle read between requests (on timeout or drain); kept across requests so
+    /// that waiting costs no allocation.
+    idle_cancel: Canceller,
+    /// Cancels the read that watches the client during an exchange (replaced after each use).
+    pub watch_cancel: Canceller,
 }
+
+/// Waiting for the next request (keep-alive idle or the first request's header timeout).
+const IN_IDLE: usize = 0;
+/// Reading a head or a body (the header timeout).
+const IN_HEAD: usize = 1;
+/// When an exchange starts watching the client for a disconnect.
+pub const IN_WATCH: usize = 2;
+
+/// Writing to the client.
+pub const OUT_WRITE: usize = 0;
+/// Writing to the upstream.
+pub const UP_WRITE: usize = 1;
+/// Waiting for the upstream's response head.
+pub const UP_HEAD: usize = 2;
+/// Reading a buffered response body (the request timeout).
+pub const UP_TOTAL: usize = 3;
+/// Reading a streamed response body (the stream idle timeout).
+pub const UP_STREAM: usize = 4;
 
 /// The client's write half and scratch buffers.
 pub struct ClientOut {
@@ -104,6 +131,9 @@ pub struct ClientOut {
     /// The connection ends after an error reply while the client may still be sending: close
     /// lingeringly so our answer is not destroyed by a reset.
     pub linger: bool,
+    /// Deadlines of this connection's writes and of its exchanges with upstreams: [`OUT_WRITE`],
+    /// [`UP_WRITE`], [`UP_HEAD`], [`UP_TOTAL`], [`UP_STREAM`].
+    pub timers: Deadlines<5>,
 }
 
 /// Result of reading from a socket with a deadline.
@@ -121,6 +151,9 @@ impl Downstream {
             inp: ClientIn {
                 r,
                 rbuf: BytesMut::with_capacity(CLIENT_BUF),
+                timers: Deadlines::new(),
+                idle_cancel: Canceller::new(),
+                watch_cancel: Canceller::new(),
             },
             out: ClientOut {
                 w,
@@ -129,6 +162,7 @@ impl Downstream {
                 peer_ip: peer.ip().to_string().into(),
                 peer_addr: peer.ip(),
                 linger: false,
+                timers: Deadlines::new(),
             },
         }
     }
@@ -139,9 +173,13 @@ impl ClientIn {
     pub async fn read_more(&mut self, deadline: Instant) -> ReadOutcome {
         reserve(&mut self.rbuf, CLIENT_BUF);
         let buf = mem::take(&mut self.rbuf);
-        match monoio::time::timeout_at(deadline.into(), read_append(&mut self.r, buf)).await {
-            Err(_) => ReadOutcome::Timeout,
-            Ok((res, buf)) => {
+        match self
+            .timers
+            .run(IN_HEAD, deadline, read_append(&mut self.r, buf))
+            .await
+        {
+            None => ReadOutcome::Timeout,
+            Some((res, buf)) => {
                 self.rbuf = buf;
                 match res {
                     Ok(0) => ReadOutcome::Eof,
@@ -160,12 +198,13 @@ impl ClientOut {
             return Ok(());
         }
         let buf = mem::take(&mut self.wbuf);
-        match monoio::time::timeout(limit, self.w.write_all(buf)).await {
-            Err(_) => Err(io::Error::new(
+        let at = Instant::now() + limit;
+        match self.timers.run(OUT_WRITE, at, self.w.write_all(buf)).await {
+            None => Err(io::Error::new(
                 io::ErrorKind::TimedOut,
                 "client write timed out",
             )),
-            Ok((res, mut buf)) => {
+            Some((res, mut buf)) => {
                 buf.clear();
                 self.wbuf = buf;
                 res.map(|_| ())
@@ -286,20 +325,24 @@ async fn read_request(
             return Ok(None);
         }
         reserve(&mut d.inp.rbuf, CLIENT_BUF);
-        let canceller = Canceller::new();
-        let read =
-            cancelable_read_append(&mut d.inp.r, mem::take(&mut d.inp.rbuf), canceller.handle());
+        let read = cancelable_read_append(
+            &mut d.inp.r,
+            mem::take(&mut d.inp.rbuf),
+            d.inp.idle_cancel.handle(),
+        );
         let mut read = pin!(read);
+        let idle_at = Instant::now() + idle;
+        let idle_timer = &mut d.inp.timers;
         let stop = pin!(async {
             monoio::select! {
-                _ = monoio::time::sleep(idle) => {},
+                _ = idle_timer.sleep_until(IN_IDLE, idle_at) => {},
                 _ = ctx.drain.wait() => {},
             }
         });
         let (res, buf) = match race(read.as_mut(), stop).await {
             Either::Left(r) => r,
             Either::Right(()) => {
-                let _c = canceller.cancel();
+                d.inp.idle_cancel = mem::take(&mut d.inp.idle_cancel).cancel();
                 read.await
             }
         };

@@ -3,18 +3,21 @@
 //! member (failover) or, when configured, retries with backoff; once the answer began, a failure
 //! cuts the client connection and is never replayed.
 
+use std::cell::Cell;
 use std::mem;
 use std::pin::pin;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use http::Method;
-use monoio::io::Canceller;
 
 use super::response::{relay_response, up_read, watched, Watch};
 use super::send::{connect, send_request, write_upstream, BodySend, SendError};
-use super::{After, Downstream, Failure, ReadOutcome, Sent, CLIENT_BUF, CLIENT_CLOSED};
+use super::{
+    After, Downstream, Failure, ReadOutcome, Sent, CLIENT_BUF, CLIENT_CLOSED, IN_WATCH, UP_HEAD,
+};
 use crate::config::Group;
+use crate::http::fields::{Fields, Known};
 use crate::http::head::{self, HeadScanner, Request};
 use crate::http::respond::errors;
 use crate::io::cancelable_read_append;
@@ -28,6 +31,8 @@ const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 const DEFAULT_REPLAY_CAP: usize = 1 << 20;
 /// Longest backoff between retries.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// How long the upstream may take before the client is watched for a disconnect.
+const WATCH_AFTER: Duration = Duration::from_millis(2);
 
 /// Serves one request. Returns whether the downstream connection stays open.
 pub(super) async fn exchange(
@@ -38,15 +43,14 @@ pub(super) async fn exchange(
 ) -> After {
     let start = Instant::now();
     let forward = &ctx.config.forwards[fwd];
-    let method = req.head.method.clone();
-    let path = req.head.uri.path().to_owned();
     let send_limit = forward.idle_timeout;
 
     let outcome = run(ctx, fwd, d, &req, start).await;
     let elapsed = start.elapsed();
+    let (method, path) = (&req.method, req.target.path());
     match outcome {
         Ok((status, after)) => {
-            ctx.stats.http_request(fwd, &method, &path, status, elapsed);
+            ctx.stats.http_request(fwd, method, path, status, elapsed);
             if after == After::KeepAlive && req.keep_alive && !ctx.drain.fired() {
                 After::KeepAlive
             } else {
@@ -56,7 +60,7 @@ pub(super) async fn exchange(
         Err((Failure::Client(reply), _)) | Err((Failure::Upstream(reply, _), Sent::Nothing)) => {
             ctx.stats.http_error(fwd, reply.code, reply.status.as_u16());
             ctx.stats
-                .http_request(fwd, &method, &path, reply.status.as_u16(), elapsed);
+                .http_request(fwd, method, path, reply.status.as_u16(), elapsed);
             // After a failure the request body may be half read: close to stay in sync.
             d.out.reply_error(&reply, false, send_limit).await;
             After::Close
@@ -65,12 +69,12 @@ pub(super) async fn exchange(
             // The answer already began: cut the connection so the client sees a broken stream,
             // never a clean end.
             ctx.stats.http_error(fwd, reply.code, status);
-            ctx.stats.http_request(fwd, &method, &path, status, elapsed);
+            ctx.stats.http_request(fwd, method, path, status, elapsed);
             After::Close
         }
         Err((Failure::Limited(reply, secs), _)) => {
             ctx.stats.http_error(fwd, reply.code, 429);
-            ctx.stats.http_request(fwd, &method, &path, 429, elapsed);
+            ctx.stats.http_request(fwd, method, path, 429, elapsed);
             // Nothing of the body was read: the connection stays usable only without one.
             let keep = req.keep_alive
                 && req.framing == crate::http::body::Framing::Empty
@@ -88,7 +92,7 @@ pub(super) async fn exchange(
         Err((Failure::ClientGone, _)) => {
             ctx.stats.http_error(fwd, "client_closed", CLIENT_CLOSED);
             ctx.stats
-                .http_request(fwd, &method, &path, CLIENT_CLOSED, elapsed);
+                .http_request(fwd, method, path, CLIENT_CLOSED, elapsed);
             After::Close
         }
     }
@@ -133,10 +137,7 @@ async fn run(
 ) -> RunResult {
     let forward = &ctx.config.forwards[fwd];
     // The per-client limit comes first: a refused request costs no body read and no upstream.
-    if let Err(wait) = ctx
-        .limits
-        .check_forward(fwd, d.out.peer_addr, Instant::now())
-    {
+    if let Err(wait) = ctx.limits.check_forward(fwd, d.out.peer_addr, start) {
         return Err((
             Failure::Limited(errors::RATE_LIMITED, wait.secs()),
             Sent::Nothing,
@@ -155,30 +156,32 @@ async fn run(
             return Err((Failure::ClientGone, Sent::Nothing));
         }
     }
-    let group_idx = ctx.route(fwd, req.head.uri.path());
+    let group_idx = ctx.route(fwd, req.target.path());
     let group = &ctx.config.groups[group_idx];
     let retry = group.client.retry.as_ref();
     let replay_cap = retry.map_or(DEFAULT_REPLAY_CAP, |r| r.max_replay_body_bytes);
     let mut body = BodySend::new(req.framing, forward.max_body_bytes, replay_cap);
-    let idempotent = is_idempotent(&req.head);
+    let idempotent = is_idempotent(req);
     let deadline = start + group.client.request_timeout;
-    let mut tried: Vec<usize> = Vec::new();
+    let mut tried = Tried::default();
     let mut retries = 0u32;
     let mut last: Option<Failure> = None;
 
     loop {
-        let Some(uidx) = ctx.pick(group_idx, d.out.peer_addr, &tried) else {
+        let Some(uidx) = ctx.pick(group_idx, d.out.peer_addr, tried.as_slice()) else {
             let f = last.unwrap_or_else(|| no_upstream(ctx, group));
             return Err((f, Sent::Nothing));
         };
         tried.push(uidx);
         // An upstream at its own rate is passed over (another shard may have taken the last
         // token since the balancer looked).
-        if !ctx.limits.upstream_try_acquire(uidx, Instant::now()) {
+        // One clock read for the rate limit, the breaker and the attempt's start.
+        let now = Instant::now();
+        if !ctx.limits.upstream_try_acquire(uidx, now) {
             continue;
         }
         // The breaker may refuse between pick and admission (a half-open probe slot taken).
-        let Some(admission) = ctx.health.admit(uidx, Instant::now()) else {
+        let Some(admission) = ctx.health.admit(uidx, now) else {
             continue;
         };
         let budget = retry.filter(|r| retries < r.attempts).map(|r| RetryBudget {
@@ -186,7 +189,7 @@ async fn run(
             deadline,
         });
         let _in_flight = ctx.in_flight(uidx);
-        let up_start = Instant::now();
+        let up_start = now;
         let res = attempt(
             ctx, fwd, d, req, group_idx, group, uidx, &mut body, start, budget,
         )
@@ -292,9 +295,50 @@ fn no_upstream(ctx: &ShardCtx, group: &Group) -> Failure {
 }
 
 /// Retries prefer members not tried yet; when every member was tried, any may take the retry.
-fn retry_any_member(group: &Group, tried: &mut Vec<usize>) {
-    if group.members.iter().all(|m| tried.contains(&m.upstream)) {
+fn retry_any_member(group: &Group, tried: &mut Tried) {
+    if group
+        .members
+        .iter()
+        .all(|m| tried.as_slice().contains(&m.upstream))
+    {
         tried.clear();
+    }
+}
+
+/// Members already tried for one request: inline (no allocation) up to [`Tried::INLINE`].
+#[derive(Default)]
+struct Tried {
+    len: usize,
+    inline: [usize; Tried::INLINE],
+    spill: Vec<usize>,
+}
+
+impl Tried {
+    const INLINE: usize = 8;
+
+    fn as_slice(&self) -> &[usize] {
+        if self.spill.is_empty() {
+            &self.inline[..self.len]
+        } else {
+            &self.spill
+        }
+    }
+
+    fn push(&mut self, upstream: usize) {
+        if self.spill.is_empty() && self.len < Self::INLINE {
+            self.inline[self.len] = upstream;
+            self.len += 1;
+        } else {
+            if self.spill.is_empty() {
+                self.spill.extend_from_slice(&self.inline[..self.len]);
+            }
+            self.spill.push(upstream);
+        }
+    }
+
+    fn clear(&mut self) {
+        self.len = 0;
+        self.spill.clear();
     }
 }
 
@@ -315,16 +359,16 @@ fn status_kind(status: u16) -> Option<UpstreamErrorKind> {
     }
 }
 
-fn is_idempotent(head: &http::request::Parts) -> bool {
+fn is_idempotent(req: &Request) -> bool {
     matches!(
-        head.method,
+        req.method,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
-    ) || head.headers.contains_key("idempotency-key")
+    ) || req.headers.contains(Known::IdempotencyKey)
 }
 
 /// `Retry-After` in delta-seconds (an HTTP date is ignored).
-fn retry_after(h: &http::HeaderMap) -> Option<Duration> {
-    let v = h.get(http::header::RETRY_AFTER)?.to_str().ok()?.trim();
+fn retry_after(h: &Fields) -> Option<Duration> {
+    let v = std::str::from_utf8(h.get(Known::RetryAfter)?.trim_ascii()).ok()?;
     v.parse::<u64>().ok().map(Duration::from_secs)
 }
 
@@ -351,6 +395,10 @@ async fn attempt(
     };
 
     let via = ctx.egress.group_via[group_idx];
+    // An http upstream behind an outbound proxy is sent absolute-form requests through the
+    // proxy (an https one is reached through a CONNECT tunnel): only then can a 407 be the
+    // proxy's.
+    let to_forward_proxy = via != 0 && upstream.tls.is_none();
     let mut conn = match ctx.pool.take(uidx, via, client.pool_idle_timeout) {
         Some(c) => c,
         None => match connect(ctx, uidx, group_idx).await {
@@ -360,16 +408,9 @@ async fn attempt(
     };
     d.out.ubuf.clear();
     let peer_ip = d.out.peer_ip.clone();
-    // An http upstream behind an outbound proxy gets absolute-form requests sent to the proxy
-    // (an https one is reached through a CONNECT tunnel and sees ordinary requests).
-    let forward_proxy = ctx
-        .egress
-        .proxy(via)
-        .filter(|_| upstream.tls.is_none())
-        .map(|p| &p.proxy);
     let outgoing = Outgoing {
         upstream,
-        agent: &ctx.agents[group_idx],
+        plan: ctx.head_plan(group_idx, uidx),
         client_ip: &peer_ip,
         client_proto: if ctx.config.forwards[fwd].tls.is_some() {
             "https"
@@ -377,10 +418,9 @@ async fn attempt(
             "http"
         },
         framing: req.framing,
-        proxy: forward_proxy,
     };
-    encode_request_head(&mut d.out.ubuf, &req.head, &outgoing);
-    let idempotent = is_idempotent(&req.head);
+    encode_request_head(&mut d.out.ubuf, req, &outgoing);
+    let idempotent = is_idempotent(req);
     match send_request(ctx, fwd, d, body, &mut conn, group).await {
         Ok(()) => {}
         Err(SendError::Client(f)) => return failed(f, true),
@@ -395,44 +435,51 @@ async fn attempt(
     // again once, to the same upstream, on a fresh connection (the keep-alive race).
     let mut stale_replay = conn.reused && idempotent && body.replayable() && body.complete();
 
-    // Watch the client while the upstream thinks and streams.
+    // Watch the client while the upstream thinks and streams, so that a client that leaves
+    // stops the upstream's work. The watch read starts only once the upstream has taken
+    // WATCH_AFTER: most answers come sooner, and a watch that is never started needs no read
+    // and no cancellation (each a round through the kernel). A client leaving is then noticed
+    // at most WATCH_AFTER later.
     let mut watch = Watch {
         live: d.inp.rbuf.is_empty(),
         gone: false,
     };
-    let canceller = Canceller::new();
-    let watch_buf = if watch.live {
+    let watch_buf: Cell<Option<BytesMut>> = Cell::new(None);
+    if watch.live {
         let mut b = mem::take(&mut d.inp.rbuf);
         super::reserve(&mut b, CLIENT_BUF);
-        b
-    } else {
-        BytesMut::new()
+        watch_buf.set(Some(b));
+    }
+    let started = Cell::new(false);
+    let sent_at = Instant::now();
+    let watch_at = sent_at + WATCH_AFTER;
+    let cancel = d.inp.watch_cancel.handle();
+    let (client_r, client_timers) = (&mut d.inp.r, &mut d.inp.timers);
+    let watch_fut = async {
+        client_timers.sleep_until(IN_WATCH, watch_at).await;
+        started.set(true);
+        let buf = watch_buf.take().unwrap_or_default();
+        cancelable_read_append(client_r, buf, cancel).await
     };
-    let watch_fut = cancelable_read_append(&mut d.inp.r, watch_buf, canceller.handle());
     let mut watch_fut = pin!(watch_fut);
     let mut parked = BytesMut::new();
     let out = &mut d.out;
 
     let result: Result<(u16, After, bool, Duration), Attempt> = async {
-        let sent_at = Instant::now();
         let total_deadline = start + client.request_timeout;
         let head_deadline = (sent_at + client.first_byte_timeout).min(total_deadline);
         let mut scanner = HeadScanner::default();
         let resp = loop {
-            match head::take_response(
-                &mut conn.rbuf,
-                &mut scanner,
-                MAX_RESPONSE_HEAD,
-                &req.head.method,
-            ) {
-                Ok(Some(r)) if r.head.status.is_informational() => {
-                    if r.head.status == http::StatusCode::SWITCHING_PROTOCOLS {
+            match head::take_response(&mut conn.rbuf, &mut scanner, MAX_RESPONSE_HEAD, &req.method)
+            {
+                Ok(Some(r)) if r.status.is_informational() => {
+                    if r.status == http::StatusCode::SWITCHING_PROTOCOLS {
                         return Err(failed(Failure::bad_response(), true));
                     }
                     continue;
                 }
                 // Only a proxy answers 407: the client cannot fix our proxy credentials.
-                Ok(Some(r)) if forward_proxy.is_some() && r.head.status.as_u16() == 407 => {
+                Ok(Some(r)) if to_forward_proxy && r.status.as_u16() == 407 => {
                     tracing::warn!(upstream = %upstream.name, "the outbound proxy answered 407 (authentication required or rejected)");
                     return Err(failed(
                         Failure::Upstream(errors::PROXY_AUTH, UpstreamErrorKind::Connect),
@@ -444,7 +491,7 @@ async fn attempt(
                 Err(_) => return Err(failed(Failure::bad_response(), true)),
             }
             let got = watched(
-                up_read(&mut conn, head_deadline),
+                up_read(&mut conn, &mut out.timers, UP_HEAD, head_deadline),
                 watch_fut.as_mut(),
                 &mut watch,
                 &mut parked,
@@ -461,11 +508,16 @@ async fn attempt(
                             .await
                             .map_err(|f| failed(f, true))?;
                         out.ubuf.clear();
-                        encode_request_head(&mut out.ubuf, &req.head, &outgoing);
+                        encode_request_head(&mut out.ubuf, req, &outgoing);
                         body.encode_kept(&mut out.ubuf);
-                        write_upstream(&mut conn, &mut out.ubuf, client.stream_idle_timeout)
-                            .await
-                            .map_err(|_| failed(Failure::bad_response(), true))?;
+                        write_upstream(
+                            &mut conn,
+                            &mut out.ubuf,
+                            &mut out.timers,
+                            client.stream_idle_timeout,
+                        )
+                        .await
+                        .map_err(|_| failed(Failure::bad_response(), true))?;
                         scanner.reset();
                         continue;
                     }
@@ -475,13 +527,12 @@ async fn attempt(
         };
         let head_after = sent_at.elapsed();
         // A retryable answer is not relayed when the retry policy allows another attempt.
-        if let (Some(b), Some(_)) = (&budget, status_kind(resp.head.status.as_u16())) {
+        if let (Some(b), Some(_)) = (&budget, status_kind(resp.status.as_u16())) {
             if body.replayable() && body.complete() {
-                let wait =
-                    retry_after(&resp.head.headers).map_or(b.backoff, |ra| ra.max(b.backoff));
+                let wait = retry_after(&resp.headers).map_or(b.backoff, |ra| ra.max(b.backoff));
                 if Instant::now() + wait < b.deadline {
                     return Err(Attempt::Retry {
-                        status: resp.head.status.as_u16(),
+                        status: resp.status.as_u16(),
                         wait,
                         head_after,
                     });
@@ -530,13 +581,15 @@ async fn attempt(
     };
 
     // Stop watching and take back whatever the client sent meanwhile (a pipelined request).
-    if watch.live {
-        let _c = canceller.cancel();
+    if watch.live && started.get() {
+        d.inp.watch_cancel = mem::take(&mut d.inp.watch_cancel).cancel();
         let (res, buf) = watch_fut.await;
         if let Ok(0) = res {
             watch.gone = true;
         }
         d.inp.rbuf = buf;
+    } else if watch.live {
+        d.inp.rbuf = watch_buf.take().unwrap_or_default();
     } else if d.inp.rbuf.is_empty() {
         d.inp.rbuf = parked;
     }
@@ -545,5 +598,25 @@ async fn attempt(
             Attempt::Done(status, After::Close, head)
         }
         other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Tried;
+
+    #[test]
+    fn tried_spills_past_its_inline_room_and_clears() {
+        let mut t = Tried::default();
+        for u in 0..Tried::INLINE + 3 {
+            t.push(u * 10);
+            assert_eq!(t.as_slice().len(), u + 1);
+        }
+        let want: Vec<usize> = (0..Tried::INLINE + 3).map(|u| u * 10).collect();
+        assert_eq!(t.as_slice(), &want[..]);
+        t.clear();
+        assert!(t.as_slice().is_empty());
+        t.push(7);
+        assert_eq!(t.as_slice(), &[7]);
     }
 }

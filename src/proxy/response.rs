@@ -11,9 +11,11 @@ use bytes::BytesMut;
 use http::Method;
 use monoio::BufResult;
 
-use super::{After, ClientOut, Failure, ReadOutcome, Sent};
+use super::deadline::Deadlines;
+use super::{After, ClientOut, Failure, ReadOutcome, Sent, UP_STREAM, UP_TOTAL};
 use crate::config::Group;
 use crate::http::body::{encode_chunk, BodyDecoder, Framing, Step, LAST_CHUNK};
+use crate::http::fields::Known;
 use crate::http::head::{Request, Response};
 use crate::http::respond::{encode_response_head, BodyOut};
 use crate::io::read_append;
@@ -59,13 +61,22 @@ pub async fn watched<F: Future, W: Future<Output = BufResult<usize, BytesMut>>>(
     .await
 }
 
-/// Reads more upstream bytes into the connection's buffer, giving up at `deadline`.
-pub async fn up_read(conn: &mut UpConn, deadline: Instant) -> ReadOutcome {
+/// Reads more upstream bytes into the connection's buffer, giving up at `deadline` (on the
+/// timer of `kind`).
+pub async fn up_read(
+    conn: &mut UpConn,
+    timers: &mut Deadlines<5>,
+    kind: usize,
+    deadline: Instant,
+) -> ReadOutcome {
     conn.reserve();
     let buf = mem::take(&mut conn.rbuf);
-    match monoio::time::timeout_at(deadline.into(), read_append(&mut conn.stream, buf)).await {
-        Err(_) => ReadOutcome::Timeout,
-        Ok((res, buf)) => {
+    match timers
+        .run(kind, deadline, read_append(&mut conn.stream, buf))
+        .await
+    {
+        None => ReadOutcome::Timeout,
+        Some((res, buf)) => {
             conn.rbuf = buf;
             match res {
                 Ok(0) => ReadOutcome::Eof,
@@ -94,15 +105,14 @@ pub async fn relay_response<W: Future<Output = BufResult<usize, BytesMut>>>(
 ) -> Result<(u16, After, bool), (Failure, Sent)> {
     let forward = &ctx.config.forwards[fwd];
     let client = &group.client;
-    let status = resp.head.status.as_u16();
+    let status = resp.status.as_u16();
     let is_sse = resp
-        .head
         .headers
-        .get(http::header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+        .get(Known::ContentType)
+        .is_some_and(|v| v.starts_with(b"text/event-stream"));
     let streamed =
         client.stream && (matches!(resp.framing, Framing::Chunked | Framing::Close) || is_sse);
-    let client_11 = req.head.version == http::Version::HTTP_11;
+    let client_11 = req.version == http::Version::HTTP_11;
     let body_out = match resp.framing {
         Framing::Empty => BodyOut::None,
         Framing::Length(n) => BodyOut::Length(n),
@@ -113,11 +123,11 @@ pub async fn relay_response<W: Future<Output = BufResult<usize, BytesMut>>>(
     out.wbuf.clear();
     encode_response_head(
         &mut out.wbuf,
-        resp.head.status,
-        &resp.head.headers,
+        resp.status,
+        &resp.headers,
         body_out,
         keep_client,
-        req.head.method == Method::HEAD,
+        req.method == Method::HEAD,
     );
     let head_sent = Sent::Head(status);
     let mut dec = BodyDecoder::new(resp.framing);
@@ -162,14 +172,19 @@ pub async fn relay_response<W: Future<Output = BufResult<usize, BytesMut>>>(
         out.flush(forward.idle_timeout)
             .await
             .map_err(|_| (Failure::ClientGone, head_sent))?;
-        let deadline = if streamed {
-            Instant::now() + client.stream_idle_timeout
+        let (kind, deadline) = if streamed {
+            (UP_STREAM, Instant::now() + client.stream_idle_timeout)
         } else {
-            total_deadline
+            (UP_TOTAL, total_deadline)
         };
-        let got = watched(up_read(conn, deadline), watch_fut.as_mut(), watch, parked)
-            .await
-            .map_err(|_| (Failure::ClientGone, head_sent))?;
+        let got = watched(
+            up_read(conn, &mut out.timers, kind, deadline),
+            watch_fut.as_mut(),
+            watch,
+            parked,
+        )
+        .await
+        .map_err(|_| (Failure::ClientGone, head_sent))?;
         match got {
             ReadOutcome::Data => {}
             ReadOutcome::Eof => {

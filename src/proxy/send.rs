@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use monoio::io::AsyncWriteRentExt;
 
-use super::{Downstream, Failure, ReadOutcome};
+use super::deadline::Deadlines;
+use super::{Downstream, Failure, ReadOutcome, UP_WRITE};
 use crate::config::Group;
 use crate::http::body::{encode_chunk, BodyDecoder, BodyError, Framing, Step, LAST_CHUNK};
 use crate::http::respond::errors;
@@ -25,7 +26,10 @@ const FLUSH_AT: usize = 64 * 1024;
 pub struct BodySend {
     dec: BodyDecoder,
     chunked: bool,
-    kept: Vec<Bytes>,
+    /// The body read so far, for a replay: the first piece inline (most bodies arrive in one
+    /// read, so keeping them allocates nothing), later ones in `kept_more`.
+    kept_first: Option<Bytes>,
+    kept_more: Vec<Bytes>,
     kept_len: usize,
     cap: usize,
     max_body: u64,
@@ -39,7 +43,8 @@ impl BodySend {
         BodySend {
             dec: BodyDecoder::new(framing).with_limit(max_body),
             chunked: framing == Framing::Chunked,
-            kept: Vec::new(),
+            kept_first: None,
+            kept_more: Vec::new(),
             kept_len: 0,
             cap: replay_cap,
             max_body,
@@ -61,7 +66,7 @@ impl BodySend {
 
     /// Appends the whole kept body, framed, for a replay (only when `complete()`).
     pub fn encode_kept(&self, out: &mut BytesMut) {
-        for piece in &self.kept {
+        for piece in self.kept() {
             self.put(out, piece);
         }
         if self.chunked {
@@ -75,12 +80,22 @@ impl BodySend {
         }
         if self.kept_len + b.len() <= self.cap {
             self.kept_len += b.len();
-            self.kept.push(b.clone());
+            if self.kept_first.is_none() {
+                self.kept_first = Some(b.clone());
+            } else {
+                self.kept_more.push(b.clone());
+            }
         } else {
             self.lost = true;
-            self.kept = Vec::new();
+            self.kept_first = None;
+            self.kept_more = Vec::new();
             self.kept_len = 0;
         }
+    }
+
+    /// The kept pieces in order.
+    fn kept(&self) -> impl Iterator<Item = &Bytes> + '_ {
+        self.kept_first.iter().chain(&self.kept_more)
     }
 
     fn put(&self, out: &mut BytesMut, b: &[u8]) {
@@ -158,15 +173,17 @@ pub async fn connect(ctx: &ShardCtx, uidx: usize, group_idx: usize) -> Result<Up
 pub async fn write_upstream(
     conn: &mut UpConn,
     buf: &mut BytesMut,
+    timers: &mut Deadlines<5>,
     limit: Duration,
 ) -> io::Result<()> {
     let b = mem::take(buf);
-    match monoio::time::timeout(limit, conn.stream.write_all(b)).await {
-        Err(_) => Err(io::Error::new(
+    let at = Instant::now() + limit;
+    match timers.run(UP_WRITE, at, conn.stream.write_all(b)).await {
+        None => Err(io::Error::new(
             io::ErrorKind::TimedOut,
             "upstream write timed out",
         )),
-        Ok((res, b)) => {
+        Some((res, b)) => {
             *buf = b;
             res.map(|_| ())
         }
@@ -187,15 +204,14 @@ pub async fn send_request(
     let limit = group.client.stream_idle_timeout;
     macro_rules! flush {
         () => {{
-            write_upstream(conn, &mut d.out.ubuf, limit)
+            write_upstream(conn, &mut d.out.ubuf, &mut d.out.timers, limit)
                 .await
                 .map_err(|_| SendError::Upstream)?;
             d.out.ubuf.clear();
         }};
     }
-    for i in 0..body.kept.len() {
-        let piece = body.kept[i].clone();
-        body.put(&mut d.out.ubuf, &piece);
+    for piece in body.kept() {
+        body.put(&mut d.out.ubuf, piece);
         if d.out.ubuf.len() >= FLUSH_AT {
             flush!();
         }
@@ -240,5 +256,35 @@ pub async fn send_request(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kept_pieces_replay_in_order_and_past_the_cap_are_dropped() {
+        let mut b = BodySend::new(Framing::Length(11), 1 << 20, 64);
+        for piece in [&b"hel"[..], b"lo ", b"world"] {
+            b.keep(&Bytes::copy_from_slice(piece));
+        }
+        let mut out = BytesMut::new();
+        b.encode_kept(&mut out);
+        assert_eq!(&out[..], b"hello world");
+        assert!(b.replayable());
+
+        let mut c = BodySend::new(Framing::Chunked, 1 << 20, 64);
+        c.keep(&Bytes::from_static(b"abc"));
+        c.keep(&Bytes::from_static(b"de"));
+        let mut out = BytesMut::new();
+        c.encode_kept(&mut out);
+        assert_eq!(&out[..], b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n");
+
+        let mut d = BodySend::new(Framing::Length(100), 1 << 20, 4);
+        d.keep(&Bytes::from_static(b"abc"));
+        d.keep(&Bytes::from_static(b"de"));
+        assert!(!d.replayable());
+        assert_eq!(d.kept().count(), 0);
     }
 }

@@ -24,6 +24,7 @@ use crate::ratelimit::Limits;
 use crate::route::Router;
 use crate::stats::{ShardStats, StatsDelta};
 use crate::upstream::connect::Egress;
+use crate::upstream::request::HeadPlan;
 use crate::upstream::Pool;
 use signal::DrainSignal;
 
@@ -62,8 +63,9 @@ pub struct ShardCtx {
     rng: Cell<u64>,
     /// Path router per forward.
     routers: Vec<Router>,
-    /// Pre-validated `User-Agent` value per group.
-    pub agents: Vec<HeaderValue>,
+    /// The configuration's part of each upstream request head, per `group * upstreams +
+    /// upstream` (see [`ShardCtx::head_plan`]).
+    head_plans: Vec<HeadPlan>,
     pub drain: DrainSignal,
     /// Open downstream connections.
     pub active: Cell<usize>,
@@ -88,12 +90,23 @@ impl ShardCtx {
                 .iter()
                 .map(|f| Router::new(&f.routes))
                 .collect(),
-            agents: config
+            head_plans: config
                 .groups
                 .iter()
-                .map(|g| {
-                    HeaderValue::from_str(&g.client.agent)
-                        .unwrap_or_else(|_| HeaderValue::from_static("LLMProxy/1.0"))
+                .enumerate()
+                .flat_map(|(gi, g)| {
+                    let agent = HeaderValue::from_str(&g.client.agent)
+                        .unwrap_or_else(|_| HeaderValue::from_static("LLMProxy/1.0"));
+                    let proxy = shared
+                        .egress
+                        .proxy(shared.egress.group_via[gi])
+                        .map(|p| &p.proxy);
+                    config.upstreams.iter().map(move |u| {
+                        // Through a proxy an http upstream's requests are absolute-form; an
+                        // https one is tunnelled (CONNECT) and gets an origin-form head.
+                        let absolute = proxy.filter(|_| u.scheme == crate::config::Scheme::Http);
+                        HeadPlan::new(u, &agent, absolute)
+                    })
                 })
                 .collect(),
             egress: shared.egress.clone(),
@@ -117,6 +130,11 @@ impl ShardCtx {
                 .collect(),
             config,
         }
+    }
+
+    /// The pre-encoded head parts for requests from `group` to `upstream`.
+    pub fn head_plan(&self, group: usize, upstream: usize) -> &HeadPlan {
+        &self.head_plans[group * self.config.upstreams.len() + upstream]
     }
 
     /// The group a request path goes to: the first matching route, else the forward's group.
@@ -248,6 +266,49 @@ static URING_FALLBACK: Once = Once::new();
 /// io_uring submission queue size per shard.
 const URING_ENTRIES: u32 = 4096;
 
+/// A ring mode: its name (logged) and how it sets up the ring builder.
+type RingMode = (&'static str, fn(&mut io_uring::Builder));
+
+/// How the shard's ring handles completions, best first; the first the kernel accepts is used.
+///
+/// By default the kernel interrupts a thread running in user space (a reschedule
+/// inter-processor interrupt, expensive in a VM) to run io_uring completion work as soon as a
+/// completion arrives. A shard is one thread that submits to and waits on its own ring and
+/// enters the kernel whenever it runs out of work, so the interruption buys nothing:
+/// `COOP_TASKRUN` (Linux 5.19+) leaves that work for the shard's next entry into the kernel.
+/// (`DEFER_TASKRUN` with `SINGLE_ISSUER`, 6.1+, measured the same here and restricts the ring
+/// to one submitting thread, so it is not used.) Older kernels get the default ring.
+const RING_MODES: &[RingMode] = &[
+    ("coop_taskrun", |b| {
+        b.setup_coop_taskrun();
+    }),
+    ("default", |_| {}),
+];
+
+type UringRuntime = monoio::Runtime<monoio::time::TimeDriver<monoio::IoUringDriver>>;
+
+/// An io_uring runtime for this thread, with the best ring mode the kernel accepts.
+fn uring_runtime() -> std::io::Result<UringRuntime> {
+    let mut last = None;
+    for (name, setup) in RING_MODES {
+        let mut urb = io_uring::IoUring::builder();
+        setup(&mut urb);
+        match monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+            .uring_builder(urb)
+            .with_entries(URING_ENTRIES)
+            .enable_timer()
+            .build()
+        {
+            Ok(rt) => {
+                tracing::debug!(mode = name, "io_uring ring");
+                return Ok(rt);
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other("no io_uring ring mode")))
+}
+
 /// Runs one shard on the current thread until it has drained.
 pub fn run_shard(
     id: usize,
@@ -262,11 +323,7 @@ pub fn run_shard(
         listener::serve(ctx, shared, listeners).await
     };
     if driver == ResolvedDriver::Uring {
-        match monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
-            .with_entries(URING_ENTRIES)
-            .enable_timer()
-            .build()
-        {
+        match uring_runtime() {
             Ok(mut rt) => return rt.block_on(main()),
             Err(e) if allow_fallback => URING_FALLBACK.call_once(|| {
                 tracing::warn!(error = %e, "io_uring runtime could not start; using epoll");

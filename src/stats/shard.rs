@@ -4,6 +4,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::future::Future;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -45,7 +46,12 @@ pub(crate) fn latency_histogram() -> Histogram<u64> {
 /// The `path` label part of a request target: the path without query or fragment. `None` when the
 /// target is not an origin-form path or is too long to be a useful label.
 pub fn path_label(target: &str) -> Option<&str> {
-    let end = target.find(['?', '#']).unwrap_or(target.len());
+    // A byte scan: both delimiters are ASCII, so the cut is on a char boundary (a `[char]`
+    // pattern decodes every char and costs several times more).
+    let end = target
+        .bytes()
+        .position(|b| b == b'?' || b == b'#')
+        .unwrap_or(target.len());
     let path = &target[..end];
     if !path.starts_with('/') || path.len() > MAX_PATH_LABEL_BYTES {
         return None;
@@ -58,10 +64,50 @@ fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
+/// FxHash (rustc's hasher) for the path table, looked up on every request: a handful of
+/// multiplies instead of SipHash's rounds. Its weakness, keys chosen to collide, is bounded
+/// here: the table never holds more than [`MAX_PATHS_PER_FORWARD`] paths, so a client that
+/// forces collisions makes a lookup scan at most 64 entries.
+#[derive(Default)]
+struct PathHasher(u64);
+
+impl PathHasher {
+    #[inline]
+    fn add(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+}
+
+impl Hasher for PathHasher {
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            self.add(u64::from_le_bytes(c.try_into().expect("8 bytes")));
+        }
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            let mut b = [0u8; 8];
+            b[..rest.len()].copy_from_slice(rest);
+            self.add(u64::from_le_bytes(b));
+        }
+    }
+
+    #[inline]
+    fn write_u8(&mut self, i: u8) {
+        self.add(u64::from(i));
+    }
+
+    #[inline]
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
 /// Per-forward downstream tallies.
 struct ForwardTally {
     /// Interned path → row index; row 0 is [`OTHER_PATH`] and is not in the map.
-    paths: HashMap<Box<str>, usize>,
+    paths: HashMap<Box<str>, usize, BuildHasherDefault<PathHasher>>,
     names: Vec<Arc<str>>,
     rows: Vec<[DurationCounts; METHODS]>,
     errors: Vec<HttpErrorSample>,
@@ -75,7 +121,7 @@ impl ForwardTally {
         let mut rows = Vec::with_capacity(MAX_PATHS_PER_FORWARD + 1);
         rows.push([DurationCounts::default(); METHODS]);
         ForwardTally {
-            paths: HashMap::with_capacity(MAX_PATHS_PER_FORWARD),
+            paths: HashMap::with_capacity_and_hasher(MAX_PATHS_PER_FORWARD, Default::default()),
             names,
             rows,
             errors: Vec::new(),

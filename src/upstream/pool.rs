@@ -13,6 +13,10 @@ use crate::tls::stream::OutboundConn;
 /// Read buffer size for upstream connections.
 const READ_BUF: usize = 16 * 1024;
 
+/// A pooled connection idle for less than this is reused without a liveness peek (see
+/// [`Pool::take`]).
+pub const PEEK_AFTER: Duration = Duration::from_millis(1);
+
 /// One connection to an upstream (plain or TLS), with its read buffer.
 pub struct UpConn {
     pub stream: OutboundConn,
@@ -96,11 +100,24 @@ impl Pool {
     }
 
     /// The most recently used live idle connection to `upstream` made through `via`, if any.
+    ///
+    /// A connection idle for longer than [`PEEK_AFTER`] is checked with a non-blocking peek (a
+    /// syscall) before reuse; one that went idle more recently is not. Why that is safe
+    /// enough: upstreams close idle keep-alive connections after their own idle timeout
+    /// (seconds: uvicorn 5 s, Go and Node 5 s+, nginx 75 s), and a server that means to close
+    /// after a response says `Connection: close` (such connections are never pooled). What is
+    /// left is a close at an arbitrary instant (a restart closing its idle connections, or a
+    /// server that closes without saying so). The peek never covered that fully either: a FIN
+    /// still in flight (up to one network latency) is not seen. Skipping it for connections
+    /// idle under 1 ms adds at most 1 ms to that window. In it, an idempotent request is sent
+    /// again on a fresh connection as before; a POST fails with 502 `upstream_bad_response`
+    /// unless the group's retry policy allows a replay, as it would with a FIN in flight.
     pub fn take(&self, upstream: usize, via: usize, idle_timeout: Duration) -> Option<UpConn> {
         let mut list = self.slot(upstream, via)?.borrow_mut();
         let now = Instant::now();
         while let Some(mut c) = list.pop() {
-            if now.duration_since(c.idle_since) < idle_timeout && c.looks_alive() {
+            let idle = now.duration_since(c.idle_since);
+            if idle < idle_timeout && (idle < PEEK_AFTER || c.looks_alive()) {
                 c.reused = true;
                 return Some(c);
             }
@@ -148,5 +165,43 @@ impl Pool {
             .filter_map(|via| self.slot(upstream, via))
             .map(|l| l.borrow().len())
             .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pooled connection whose peer has closed: reused blindly within PEEK_AFTER of going idle
+    /// (the documented window), dropped by the peek after it.
+    #[test]
+    fn peek_only_after_the_connection_idled_past_peek_after() {
+        let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = l.local_addr().unwrap();
+            let pool = Pool::new(1, 1);
+            // How long ago each connection went idle (set directly, so a slow test machine
+            // cannot turn "just now" into "a while ago").
+            let now = Instant::now();
+            for (idle_since, reused) in [
+                (now + Duration::from_secs(1), true),
+                (now - PEEK_AFTER * 3, false),
+            ] {
+                let tcp = monoio::net::TcpStream::connect_addr(addr).await.unwrap();
+                let c = UpConn::new(crate::tls::stream::Conn::Plain(tcp));
+                let (peer, _) = l.accept().unwrap();
+                drop(peer);
+                // Let the FIN arrive before the pool sees the connection.
+                std::thread::sleep(Duration::from_millis(20));
+                pool.put(0, 0, c, 8);
+                pool.idle[0].borrow_mut()[0].idle_since = idle_since;
+                assert_eq!(pool.take(0, 0, Duration::from_secs(60)).is_some(), reused);
+                assert_eq!(pool.idle_count(0), 0);
+            }
+        });
     }
 }

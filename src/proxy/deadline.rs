@@ -1,0 +1,171 @@
+//! Per-connection deadlines (shard): one long-lived timer per kind of deadline instead of a new
+//! timer per read or write.
+//!
+//! `monoio::time::timeout` creates a timer entry, inserts it into the wheel when first polled and
+//! removes it when dropped: several times per request. A kept timer whose deadline only moves
+//! later is re-armed in place: monoio's wheel (tokio's design) records the later deadline and
+//! leaves the entry in its slot; when that slot comes due the entry is moved to the true
+//! deadline. Each kind here keeps a deadline series that grows (now + a fixed timeout), so
+//! re-arming is a comparison and a store, and a busy connection touches the wheel about once per
+//! timeout period per kind. A deadline that moves earlier (another route's shorter timeout) just
+//! takes the slow path of a wheel re-insert. Deadlines fire exactly when they did before.
+
+use std::future::{poll_fn, Future};
+use std::pin::{pin, Pin};
+use std::task::Poll;
+use std::time::{Duration, Instant};
+
+use monoio::time::Sleep;
+
+/// Timers for `N` kinds of deadline, pinned in one allocation per connection.
+pub struct Deadlines<const N: usize>(Pin<Box<[Sleep; N]>>);
+
+/// Far enough that an unused timer never fires (monoio's own "far future" is 30 years).
+const UNARMED: Duration = Duration::from_secs(86_400 * 365 * 30);
+
+impl<const N: usize> Deadlines<N> {
+    /// Unarmed timers (they join the wheel when first used). Needs the shard's runtime.
+    pub fn new() -> Self {
+        let far = Instant::now() + UNARMED;
+        Deadlines(Box::pin(std::array::from_fn(|_| {
+            monoio::time::sleep_until(far.into())
+        })))
+    }
+
+    fn timer(&mut self, kind: usize) -> Pin<&mut Sleep> {
+        // SAFETY: the array is pinned as a whole and its elements are never moved out of it;
+        // projecting the pin to one element is structural pinning.
+        unsafe { self.0.as_mut().map_unchecked_mut(|a| &mut a[kind]) }
+    }
+
+    /// Runs `fut` until `at` with the timer of `kind`; `None` when the deadline came first (the
+    /// future is then dropped, as `monoio::time::timeout` would). The future wins a tie.
+    pub async fn run<F: Future>(&mut self, kind: usize, at: Instant, fut: F) -> Option<F::Output> {
+        let mut timer = self.timer(kind);
+        timer.as_mut().reset(at.into());
+        let mut fut = pin!(fut);
+        poll_fn(|cx| {
+            if let Poll::Ready(v) = fut.as_mut().poll(cx) {
+                return Poll::Ready(Some(v));
+            }
+            match timer.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(None),
+                Poll::Pending => Poll::Pending,
+            }
+        })
+        .await
+    }
+
+    /// Waits until `at` on the timer of `kind`.
+    pub async fn sleep_until(&mut self, kind: usize, at: Instant) {
+        let mut timer = self.timer(kind);
+        timer.as_mut().reset(at.into());
+        timer.await
+    }
+}
+
+impl<const N: usize> Default for Deadlines<N> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rt() -> monoio::Runtime<monoio::time::TimeDriver<monoio::LegacyDriver>> {
+        monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn fires_at_the_deadline_and_not_before() {
+        rt().block_on(async {
+            let mut d = Deadlines::<2>::new();
+            let start = Instant::now();
+            let got = d
+                .run(
+                    0,
+                    start + Duration::from_millis(30),
+                    std::future::pending::<()>(),
+                )
+                .await;
+            assert!(got.is_none());
+            let waited = start.elapsed();
+            assert!(waited >= Duration::from_millis(30), "{waited:?}");
+            assert!(waited < Duration::from_millis(500), "{waited:?}");
+        });
+    }
+
+    #[test]
+    fn extended_deadline_is_honoured_and_a_ready_future_wins() {
+        rt().block_on(async {
+            let mut d = Deadlines::<1>::new();
+            let start = Instant::now();
+            // Arm at 20 ms, then move the same timer to 60 ms: it must not fire at 20.
+            assert_eq!(
+                d.run(0, start + Duration::from_millis(20), async { 7 })
+                    .await,
+                Some(7)
+            );
+            let got = d
+                .run(
+                    0,
+                    start + Duration::from_millis(60),
+                    std::future::pending::<()>(),
+                )
+                .await;
+            assert!(got.is_none());
+            assert!(
+                start.elapsed() >= Duration::from_millis(60),
+                "{:?}",
+                start.elapsed()
+            );
+            // Earlier again after it fired (the slow path): still exact.
+            let t = Instant::now();
+            let got = d
+                .run(
+                    0,
+                    t + Duration::from_millis(10),
+                    std::future::pending::<()>(),
+                )
+                .await;
+            assert!(got.is_none());
+            assert!(t.elapsed() >= Duration::from_millis(10));
+            // A deadline already past: a pending future times out at once, a ready one wins.
+            assert_eq!(d.run(0, Instant::now(), async { 1 }).await, Some(1));
+            assert!(d
+                .run(0, Instant::now(), std::future::pending::<()>())
+                .await
+                .is_none());
+        });
+    }
+
+    #[test]
+    fn a_deadline_moved_earlier_still_fires_on_time() {
+        rt().block_on(async {
+            let mut d = Deadlines::<1>::new();
+            let start = Instant::now();
+            assert_eq!(
+                d.run(0, start + Duration::from_secs(60), async {}).await,
+                Some(())
+            );
+            let got = d
+                .run(
+                    0,
+                    start + Duration::from_millis(20),
+                    std::future::pending::<()>(),
+                )
+                .await;
+            assert!(got.is_none());
+            let waited = start.elapsed();
+            assert!(
+                waited >= Duration::from_millis(20) && waited < Duration::from_secs(1),
+                "{waited:?}"
+            );
+        });
+    }
+}
