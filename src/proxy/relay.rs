@@ -406,7 +406,12 @@ async fn attempt(
             Err(f) => return failed(f, false),
         },
     };
-    d.out.ubuf.clear();
+    if d.out.ubuf.capacity() == 0 {
+        // Given back while an earlier answer streamed.
+        d.out.ubuf = ctx.spares.take();
+    } else {
+        d.out.ubuf.clear();
+    }
     let peer_ip = d.out.peer_ip.clone();
     let outgoing = Outgoing {
         upstream,
