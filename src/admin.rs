@@ -216,6 +216,8 @@ struct Head {
     method: String,
     path: String,
     keep_alive: bool,
+    /// An HTTP/1.0 request: keep-alive must then be said in the answer.
+    http10: bool,
     has_body: bool,
 }
 
@@ -271,6 +273,7 @@ fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize)>, u16> {
             method: method.to_string(),
             path,
             keep_alive,
+            http10: version == 0,
             has_body,
         },
         len,
@@ -307,8 +310,9 @@ impl Reply {
         )
     }
 
-    /// Serialises the reply; `head_only` for HEAD requests.
-    fn encode(&self, keep_alive: bool, head_only: bool) -> Vec<u8> {
+    /// Serialises the reply; `head_only` for HEAD requests; `http10` for an HTTP/1.0 client
+    /// (which closes after an answer that does not say keep-alive).
+    fn encode(&self, keep_alive: bool, head_only: bool, http10: bool) -> Vec<u8> {
         let mut out = Vec::with_capacity(160 + self.body.len());
         out.extend_from_slice(
             format!(
@@ -325,6 +329,8 @@ impl Reply {
         }
         if !keep_alive {
             out.extend_from_slice(b"connection: close\r\n");
+        } else if http10 {
+            out.extend_from_slice(b"connection: keep-alive\r\n");
         }
         out.extend_from_slice(b"\r\n");
         if !head_only {
@@ -509,7 +515,7 @@ fn status_json(m: &Merged, config: &Config, health: &Health, now: Instant) -> se
 /// sends is drained briefly, so unread bytes do not turn the close into an RST that destroys the
 /// error reply before the client reads it.
 async fn reject(stream: &mut TcpStream, reply: Reply) {
-    if !write_reply(stream, reply.encode(false, false)).await {
+    if !write_reply(stream, reply.encode(false, false, false)).await {
         return;
     }
     let _ = stream.shutdown().await;
@@ -577,7 +583,7 @@ async fn serve_connection(mut stream: TcpStream, ctx: Rc<Ctx>) {
         let reply = route(&head, &ctx);
         // Admin requests carry no bodies; rather than frame one, answer and close.
         let keep_alive = head.keep_alive && !head.has_body && !ctx.stop.load(Ordering::Acquire);
-        let bytes = reply.encode(keep_alive, head.method == "HEAD");
+        let bytes = reply.encode(keep_alive, head.method == "HEAD", head.http10);
         if !write_reply(&mut stream, bytes).await || !keep_alive {
             return;
         }

@@ -644,3 +644,85 @@ fn pooled_connections_idle_out() {
     // Two upstream connections (before and after the idle timeout) and this stats call.
     assert_eq!(s["connections_accepted"], 3, "{s}");
 }
+
+/// An HTTP/1.0 client that asks for keep-alive (`ab -k`, old load balancers' health checks) is
+/// told so with `Connection: keep-alive`: an HTTP/1.0 client closes after any answer without it.
+/// That holds for relayed answers, for the proxy's own kept-alive errors (429) and for the
+/// admin listener; a 1.0 client that did not ask, or a body the proxy can only end by closing,
+/// gets `Connection: close`.
+#[test]
+fn http10_keep_alive_is_acknowledged() {
+    let mock = Mock::start(&[]);
+    let limit = "      ratelimit:\n        per_second: 1\n        burst: 1";
+    let proxy = Proxy::start(&config(mock.port(), limit, "", ""), &["--shards", "1"]);
+    let ka = b"GET /v1/models HTTP/1.0\r\nConnection: keep-alive\r\n\r\n";
+    let mut c = Client::connect(proxy.port);
+    c.send(ka);
+    let r = c.read_response("GET").expect("first answer");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        r.header("connection"),
+        Some("keep-alive"),
+        "{:?}",
+        r.headers
+    );
+    // The limiter's 429 keeps a bodiless request's connection: the 1.0 client must hear it.
+    c.send(ka);
+    let r = c.read_response("GET").expect("429 on the same connection");
+    assert_eq!(r.status, 429, "{}", r.text());
+    assert_eq!(
+        r.header("connection"),
+        Some("keep-alive"),
+        "{:?}",
+        r.headers
+    );
+    std::thread::sleep(Duration::from_millis(1100));
+    c.send(ka);
+    let r = c
+        .read_response("GET")
+        .expect("third answer, same connection");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("connection"), Some("keep-alive"));
+    assert!(!c.is_closed(Duration::from_millis(100)));
+    std::thread::sleep(Duration::from_millis(1100));
+
+    // A 1.0 client that did not ask is closed, and told so.
+    let mut c = Client::connect(proxy.port);
+    c.send(b"GET /v1/models HTTP/1.0\r\n\r\n");
+    let r = c.read_response("GET").expect("answer");
+    assert_eq!((r.status, r.header("connection")), (200, Some("close")));
+    assert!(r.closed);
+    std::thread::sleep(Duration::from_millis(1100));
+
+    // A chunked upstream answer reaches a 1.0 client close-delimited: no keep-alive possible.
+    let body = sse_body(true);
+    let mut c = Client::connect(proxy.port);
+    c.send(
+        &[
+            format!(
+                "POST /v1/chat/completions HTTP/1.0\r\nConnection: keep-alive\r\ncontent-length: {}\r\n\r\n",
+                body.len()
+            )
+            .as_bytes(),
+            &body,
+        ]
+        .concat(),
+    );
+    let r = c.read_response("POST").expect("streamed answer");
+    assert_eq!((r.status, r.header("connection")), (200, Some("close")));
+    assert!(r.closed && r.text().contains("[DONE]"), "{}", r.text());
+
+    // The admin listener too.
+    let mut c = Client::connect(proxy.admin);
+    for _ in 0..2 {
+        c.send(b"GET /ping HTTP/1.0\r\nConnection: keep-alive\r\n\r\n");
+        let r = c.read_response("GET").expect("admin answer");
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(
+            r.header("connection"),
+            Some("keep-alive"),
+            "{:?}",
+            r.headers
+        );
+    }
+}

@@ -80,8 +80,15 @@ pub(super) async fn exchange(
                 && req.framing == crate::http::body::Framing::Empty
                 && !ctx.drain.fired();
             let secs = secs.max(1).to_string();
+            let retry_after = ("retry-after", secs.as_str());
+            // An HTTP/1.0 client closes after an answer that does not say keep-alive.
+            let extra: &[(&str, &str)] = if keep && req.version == http::Version::HTTP_10 {
+                &[retry_after, ("connection", "keep-alive")]
+            } else {
+                &[retry_after]
+            };
             d.out
-                .reply_error_with(&reply, keep, send_limit, &[("retry-after", &secs)])
+                .reply_error_with(&reply, keep, send_limit, extra)
                 .await;
             if keep {
                 After::KeepAlive

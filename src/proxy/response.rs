@@ -128,6 +128,7 @@ pub async fn relay_response<W: Future<Output = BufResult<usize, BytesMut>>>(
         body_out,
         keep_client,
         req.method == Method::HEAD,
+        req.version,
     );
     let head_sent = Sent::Head(status);
     let mut dec = BodyDecoder::new(resp.framing);
