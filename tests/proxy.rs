@@ -726,3 +726,73 @@ fn http10_keep_alive_is_acknowledged() {
         );
     }
 }
+
+/// An upstream that refuses a request from its head alone answers before reading the body and
+/// closes (a 413 for a body too large, a 401, ...). The client gets that answer, as from nginx,
+/// instead of a 502 for the body that could not be sent, and both connections are closed (the
+/// rest of the body was never read).
+#[test]
+fn an_upstream_answering_before_the_body_is_relayed() {
+    use std::io::Write;
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let answer = br#"{"error":{"message":"body too large for this model","type":"invalid_request_error","code":"too_large"}}"#;
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(mut c) = c else { return };
+            let mut head = Vec::new();
+            let mut tmp = [0u8; 4096];
+            while find(&head, b"\r\n\r\n").is_none() {
+                match c.read(&mut tmp) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => head.extend_from_slice(&tmp[..n]),
+                }
+            }
+            let _ = c.write_all(
+                &[
+                    format!(
+                        "HTTP/1.1 413 Payload Too Large\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                        answer.len()
+                    )
+                    .as_bytes(),
+                    answer,
+                ]
+                .concat(),
+            );
+            // Closing with the body unread resets the connection under the proxy's writes.
+            drop(c);
+        }
+    });
+    let proxy = Proxy::start(
+        &config_with_url(&format!("http://127.0.0.1:{port}"), "", "", ""),
+        &["--shards", "1"],
+    );
+    let body_len = 5 << 20;
+    let mut c = Client::connect(proxy.port);
+    c.send(
+        format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\ncontent-length: {body_len}\r\n\r\n"
+        )
+        .as_bytes(),
+    );
+    let mut w = c.stream.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        let piece = vec![b'x'; 64 * 1024];
+        for _ in 0..body_len / piece.len() {
+            if w.write_all(&piece).is_err() {
+                return;
+            }
+        }
+    });
+    let t = Instant::now();
+    let r = c.read_response("POST").expect("an answer");
+    assert_eq!(r.status, 413, "{}", r.text());
+    assert_eq!(r.body, answer.to_vec(), "the upstream's own answer");
+    assert_eq!(r.header("connection"), Some("close"));
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    writer.join().unwrap();
+    assert!(
+        c.is_closed(Duration::from_secs(3)),
+        "the client connection is closed"
+    );
+}

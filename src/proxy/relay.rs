@@ -33,6 +33,9 @@ const DEFAULT_REPLAY_CAP: usize = 1 << 20;
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// How long the upstream may take before the client is watched for a disconnect.
 const WATCH_AFTER: Duration = Duration::from_millis(2);
+/// How long an upstream that stopped taking the request body may take to show the answer it
+/// sent early. One that closed or reset the connection has it in our receive buffer already.
+const EARLY_ANSWER_WAIT: Duration = Duration::from_secs(1);
 
 /// Serves one request. Returns whether the downstream connection stays open.
 pub(super) async fn exchange(
@@ -428,19 +431,20 @@ async fn attempt(
     };
     encode_request_head(&mut d.out.ubuf, req, &outgoing);
     let idempotent = is_idempotent(req);
-    match send_request(ctx, fwd, d, body, &mut conn, group).await {
-        Ok(()) => {}
+    // An upstream that stops taking the request may have answered early: a 413 or 401 decided
+    // from the head, sent before it closed (or reset) the connection under our writes. That
+    // answer is relayed as nginx does, then both connections close (the rest of the client's
+    // body was never read). With no answer it is the failure it was: some of the request may
+    // have reached the upstream, and whether to send it elsewhere is the attempt loop's call.
+    let early = match send_request(ctx, fwd, d, body, &mut conn, group).await {
+        Ok(()) => false,
         Err(SendError::Client(f)) => return failed(f, true),
-        Err(SendError::Upstream) => {
-            // Some of the request may have reached the upstream: whether to send it elsewhere is
-            // the attempt loop's call (only when a replay is safe).
-            let f = Failure::bad_response();
-            return failed(f, true);
-        }
-    }
+        Err(SendError::Upstream) => true,
+    };
     // An idempotent request on a reused connection that dies before any response byte is sent
     // again once, to the same upstream, on a fresh connection (the keep-alive race).
-    let mut stale_replay = conn.reused && idempotent && body.replayable() && body.complete();
+    let mut stale_replay =
+        !early && conn.reused && idempotent && body.replayable() && body.complete();
 
     // Watch the client while the upstream thinks and streams, so that a client that leaves
     // stops the upstream's work. The watch read starts only once the upstream has taken
@@ -474,7 +478,10 @@ async fn attempt(
 
     let result: Result<(u16, After, bool, Duration), Attempt> = async {
         let total_deadline = start + client.request_timeout;
-        let head_deadline = (sent_at + client.first_byte_timeout).min(total_deadline);
+        let mut head_deadline = (sent_at + client.first_byte_timeout).min(total_deadline);
+        if early {
+            head_deadline = head_deadline.min(sent_at + EARLY_ANSWER_WAIT);
+        }
         let mut scanner = HeadScanner::default();
         let resp = loop {
             match head::take_response(&mut conn.rbuf, &mut scanner, MAX_RESPONSE_HEAD, &req.method)
@@ -507,6 +514,7 @@ async fn attempt(
             .map_err(|_| failed(Failure::ClientGone, true))?;
             match got {
                 ReadOutcome::Data => {}
+                ReadOutcome::Timeout if early => return Err(failed(Failure::bad_response(), true)),
                 ReadOutcome::Timeout => return Err(failed(Failure::timed_out(), true)),
                 ReadOutcome::Eof | ReadOutcome::Error(_) => {
                     if stale_replay && conn.rbuf.is_empty() {
@@ -546,6 +554,10 @@ async fn attempt(
                 }
             }
         }
+        if early {
+            // The client may still be sending the body nobody reads: close lingeringly.
+            out.linger = true;
+        }
         relay_response(
             ctx,
             fwd,
@@ -555,12 +567,13 @@ async fn attempt(
             &mut conn,
             resp,
             total_deadline,
+            !early,
             &mut watch,
             watch_fut.as_mut(),
             &mut parked,
         )
         .await
-        .map(|(status, after, reusable)| (status, after, reusable, head_after))
+        .map(|(status, after, reusable)| (status, after, reusable && !early, head_after))
         .map_err(|(f, sent)| match sent {
             Sent::Head(status) => Attempt::Cut(f, status, head_after),
             Sent::Nothing => Attempt::Failed {
