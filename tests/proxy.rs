@@ -796,3 +796,94 @@ fn an_upstream_answering_before_the_body_is_relayed() {
         "the client connection is closed"
     );
 }
+
+/// `timeout.request` bounds the upstream's part of an exchange: its clock starts once the client
+/// has sent the whole request (as Envoy's route timeout does). A client uploading slowly (but
+/// with no gap over the forward's `timeout.connect`) is not answered 504 for its own slowness,
+/// and nothing it does counts against the upstream; a gap over `timeout.connect` is the
+/// client's 408, not an upstream failure either.
+#[test]
+fn a_slow_upload_does_not_use_up_the_upstream_timeout() {
+    use std::io::Write;
+    let mock = Mock::start(&[]);
+    let forward = "      timeout:\n        connect: 1";
+    let group = "    http_client:\n      timeout:\n        request: 2";
+    let proxy = Proxy::start(&config(mock.port(), forward, "", group), &["--shards", "1"]);
+    let body = sse_body(false);
+    let trickle = |extra: &str| {
+        let mut c = Client::connect(proxy.port);
+        c.send(
+            format!(
+                "POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\ncontent-length: {}\r\n{extra}\r\n",
+                body.len()
+            )
+            .as_bytes(),
+        );
+        // 5 pieces 0.7 s apart: 2.8 s of upload, more than `request`, no gap over `connect`.
+        for piece in body.chunks(body.len().div_ceil(5)) {
+            std::thread::sleep(Duration::from_millis(700));
+            c.stream.write_all(piece).unwrap();
+        }
+        let sent = Instant::now();
+        (c.read_response("POST").expect("an answer"), sent.elapsed())
+    };
+    let (r, _) = trickle("");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.text().contains("chat.completion"), "{}", r.text());
+
+    // The upstream still gets its `request` (2 s) once the body is in, and no more.
+    let (r, after_body) = trickle("x-mock-delay-ms: 4000\r\n");
+    assert_eq!(r.status, 504, "{}", r.text());
+    assert_eq!(r.json()["error"]["code"], "upstream_timeout");
+    assert!(
+        after_body >= Duration::from_millis(1800) && after_body < Duration::from_millis(3500),
+        "504 came {after_body:?} after the body"
+    );
+
+    // A body stalled past `timeout.connect` is the client's 408.
+    let mut c = Client::connect(proxy.port);
+    c.send(
+        format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\ncontent-length: {}\r\n\r\n{}",
+            body.len(),
+            String::from_utf8_lossy(&body[..5])
+        )
+        .as_bytes(),
+    );
+    let r = c.read_response("POST").expect("an answer");
+    assert_eq!(r.status, 408, "{}", r.text());
+    assert_eq!(r.json()["error"]["code"], "request_timeout");
+
+    // Only the delayed answer counts against the upstream: one timeout, one breaker failure.
+    let metrics = || proxy.admin_get("/metrics").text();
+    let sample = |text: &str, prefix: &str, tail: &str| -> Option<u64> {
+        text.lines()
+            .find(|l| l.starts_with(prefix) && l.contains(tail))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+    };
+    assert!(
+        eventually(Duration::from_secs(3), || sample(
+            &metrics(),
+            "llmproxy_circuitbreaker_calls_total{",
+            "result=\"success\"}"
+        ) == Some(1)),
+        "{}",
+        metrics()
+    );
+    let text = metrics();
+    let failures = sample(
+        &text,
+        "llmproxy_circuitbreaker_calls_total{",
+        "result=\"failure\"}",
+    );
+    assert_eq!(failures, Some(1), "{text}");
+    let errors: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("llmproxy_upstream_errors_total{"))
+        .collect();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(
+        errors[0].contains("error=\"timeout\"") && errors[0].ends_with(" 1"),
+        "{errors:?}"
+    );
+}

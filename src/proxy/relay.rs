@@ -135,7 +135,6 @@ enum Attempt {
 /// The retry policy's say for one attempt: may a 5xx/429 answer be retried instead of relayed?
 struct RetryBudget {
     backoff: Duration,
-    deadline: Instant,
 }
 
 async fn run(
@@ -172,7 +171,10 @@ async fn run(
     let replay_cap = retry.map_or(DEFAULT_REPLAY_CAP, |r| r.max_replay_body_bytes);
     let mut body = BodySend::new(req.framing, forward.max_body_bytes, replay_cap);
     let idempotent = is_idempotent(req);
-    let deadline = start + group.client.request_timeout;
+    // When the whole request had been sent: `timeout.request` bounds the upstreams' part of the
+    // exchange from then on (Envoy's route timeout), retries included. The client's upload
+    // before it is bounded by the forward's `timeout.connect` per gap (408), never counted here.
+    let mut sent_at: Option<Instant> = None;
     let mut tried = Tried::default();
     let mut retries = 0u32;
     let mut last: Option<Failure> = None;
@@ -196,12 +198,20 @@ async fn run(
         };
         let budget = retry.filter(|r| retries < r.attempts).map(|r| RetryBudget {
             backoff: backoff(ctx, r.initial, retries),
-            deadline,
         });
         let _in_flight = ctx.in_flight(uidx);
         let up_start = now;
         let res = attempt(
-            ctx, fwd, d, req, group_idx, group, uidx, &mut body, start, budget,
+            ctx,
+            fwd,
+            d,
+            req,
+            group_idx,
+            group,
+            uidx,
+            &mut body,
+            &mut sent_at,
+            budget,
         )
         .await;
         let elapsed = up_start.elapsed();
@@ -270,7 +280,8 @@ async fn run(
                 match retry {
                     Some(r) if retries < r.attempts => {
                         let wait = backoff(ctx, r.initial, retries);
-                        if Instant::now() + wait >= deadline {
+                        let now = Instant::now();
+                        if now + wait >= sent_at.unwrap_or(now) + group.client.request_timeout {
                             return Err((failure, Sent::Nothing));
                         }
                         retries += 1;
@@ -393,7 +404,7 @@ async fn attempt(
     group: &Group,
     uidx: usize,
     body: &mut BodySend,
-    start: Instant,
+    request_sent: &mut Option<Instant>,
     budget: Option<RetryBudget>,
 ) -> Attempt {
     let client = &group.client;
@@ -463,6 +474,7 @@ async fn attempt(
     }
     let started = Cell::new(false);
     let sent_at = Instant::now();
+    let total_deadline = *request_sent.get_or_insert(sent_at) + client.request_timeout;
     let watch_at = sent_at + WATCH_AFTER;
     let cancel = d.inp.watch_cancel.handle();
     let (client_r, client_timers) = (&mut d.inp.r, &mut d.inp.timers);
@@ -477,7 +489,6 @@ async fn attempt(
     let out = &mut d.out;
 
     let result: Result<(u16, After, bool, Duration), Attempt> = async {
-        let total_deadline = start + client.request_timeout;
         let mut head_deadline = (sent_at + client.first_byte_timeout).min(total_deadline);
         if early {
             head_deadline = head_deadline.min(sent_at + EARLY_ANSWER_WAIT);
@@ -545,7 +556,7 @@ async fn attempt(
         if let (Some(b), Some(_)) = (&budget, status_kind(resp.status.as_u16())) {
             if body.replayable() && body.complete() {
                 let wait = retry_after(&resp.headers).map_or(b.backoff, |ra| ra.max(b.backoff));
-                if Instant::now() + wait < b.deadline {
+                if Instant::now() + wait < total_deadline {
                     return Err(Attempt::Retry {
                         status: resp.status.as_u16(),
                         wait,
