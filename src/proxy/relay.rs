@@ -128,13 +128,50 @@ enum Attempt {
     Retry {
         status: u16,
         wait: Duration,
+        /// The member asked (`Retry-After`) not to be sent this request again before then.
+        hold: Option<Instant>,
         head_after: Duration,
     },
 }
 
 /// The retry policy's say for one attempt: may a 5xx/429 answer be retried instead of relayed?
-struct RetryBudget {
+struct RetryBudget<'a> {
     backoff: Duration,
+    tried: &'a Tried,
+    holds: &'a [Hold],
+}
+
+/// A member that answered with `Retry-After`: this request is not sent to it again before
+/// `until`. Per request, so a member's wish costs nothing on the common path; other requests
+/// learn of its trouble through the breaker (429 and 5xx count as failures).
+#[derive(Clone, Copy)]
+struct Hold {
+    upstream: usize,
+    until: Instant,
+}
+
+impl RetryBudget<'_> {
+    /// Could a member other than `uidx` take the retry now? The members the next pick chooses
+    /// from: available, not held, and not tried yet unless every member was (see
+    /// [`next_round`]).
+    fn another_member(&self, ctx: &ShardCtx, group: &Group, uidx: usize, now: Instant) -> bool {
+        let tried = self.tried.as_slice();
+        let all_tried = group.members.iter().all(|m| tried.contains(&m.upstream));
+        group.members.iter().any(|m| {
+            let u = m.upstream;
+            u != uidx
+                && (all_tried || !tried.contains(&u))
+                && !held(self.holds, u, now)
+                && ctx.health.is_available(u, now)
+                && ctx.limits.upstream_would_admit(u, now)
+        })
+    }
+}
+
+fn held(holds: &[Hold], upstream: usize, now: Instant) -> bool {
+    holds
+        .iter()
+        .any(|h| h.upstream == upstream && h.until > now)
 }
 
 async fn run(
@@ -176,6 +213,7 @@ async fn run(
     // before it is bounded by the forward's `timeout.connect` per gap (408), never counted here.
     let mut sent_at: Option<Instant> = None;
     let mut tried = Tried::default();
+    let mut holds: Vec<Hold> = Vec::new();
     let mut retries = 0u32;
     let mut last: Option<Failure> = None;
 
@@ -198,6 +236,8 @@ async fn run(
         };
         let budget = retry.filter(|r| retries < r.attempts).map(|r| RetryBudget {
             backoff: backoff(ctx, r.initial, retries),
+            tried: &tried,
+            holds: &holds,
         });
         let _in_flight = ctx.in_flight(uidx);
         let up_start = now;
@@ -253,12 +293,20 @@ async fn run(
         match res {
             Attempt::Done(status, after, _) => return Ok((status, after)),
             Attempt::Cut(f, status, _) => return Err((f, Sent::Head(status))),
-            Attempt::Retry { status, wait, .. } => {
+            Attempt::Retry {
+                status, wait, hold, ..
+            } => {
                 retries += 1;
                 ctx.stats.upstream_retry(group_idx, uidx);
                 tracing::debug!(upstream = %ctx.config.upstreams[uidx].name, status, ?wait, "retrying");
+                if let Some(until) = hold {
+                    holds.push(Hold {
+                        upstream: uidx,
+                        until,
+                    });
+                }
                 monoio::time::sleep(wait).await;
-                retry_any_member(group, &mut tried);
+                next_round(group, &mut tried, &holds);
                 last = Some(Failure::Upstream(
                     errors::UPSTREAM_BAD_RESPONSE,
                     UpstreamErrorKind::Status5xx,
@@ -287,7 +335,7 @@ async fn run(
                         retries += 1;
                         ctx.stats.upstream_retry(group_idx, uidx);
                         monoio::time::sleep(wait).await;
-                        retry_any_member(group, &mut tried);
+                        next_round(group, &mut tried, &holds);
                     }
                     None if idempotent => ctx.stats.upstream_retry(group_idx, uidx),
                     _ => return Err((failure, Sent::Nothing)),
@@ -315,14 +363,21 @@ fn no_upstream(ctx: &ShardCtx, group: &Group) -> Failure {
     }
 }
 
-/// Retries prefer members not tried yet; when every member was tried, any may take the retry.
-fn retry_any_member(group: &Group, tried: &mut Tried) {
+/// Before a retry's pick: retries prefer members not tried yet; when every member was tried,
+/// any may take the retry, except one still held by its `Retry-After`.
+fn next_round(group: &Group, tried: &mut Tried, holds: &[Hold]) {
     if group
         .members
         .iter()
         .all(|m| tried.as_slice().contains(&m.upstream))
     {
         tried.clear();
+        let now = Instant::now();
+        for h in holds {
+            if h.until > now && !tried.as_slice().contains(&h.upstream) {
+                tried.push(h.upstream);
+            }
+        }
     }
 }
 
@@ -387,10 +442,16 @@ fn is_idempotent(req: &Request) -> bool {
     ) || req.headers.contains(Known::IdempotencyKey)
 }
 
+/// Longest `Retry-After` taken as given (a day); a longer one only needs to be over
+/// [`MAX_BACKOFF`], and an instant that far ahead cannot overflow.
+const MAX_RETRY_AFTER_SECS: u64 = 86_400;
+
 /// `Retry-After` in delta-seconds (an HTTP date is ignored).
 fn retry_after(h: &Fields) -> Option<Duration> {
     let v = std::str::from_utf8(h.get(Known::RetryAfter)?.trim_ascii()).ok()?;
-    v.parse::<u64>().ok().map(Duration::from_secs)
+    v.parse::<u64>()
+        .ok()
+        .map(|s| Duration::from_secs(s.min(MAX_RETRY_AFTER_SECS)))
 }
 
 /// One attempt on upstream `uidx`.
@@ -405,7 +466,7 @@ async fn attempt(
     uidx: usize,
     body: &mut BodySend,
     request_sent: &mut Option<Instant>,
-    budget: Option<RetryBudget>,
+    budget: Option<RetryBudget<'_>>,
 ) -> Attempt {
     let client = &group.client;
     let upstream = &ctx.config.upstreams[uidx];
@@ -555,11 +616,22 @@ async fn attempt(
         // A retryable answer is not relayed when the retry policy allows another attempt.
         if let (Some(b), Some(_)) = (&budget, status_kind(resp.status.as_u16())) {
             if body.replayable() && body.complete() {
-                let wait = retry_after(&resp.headers).map_or(b.backoff, |ra| ra.max(b.backoff));
-                if Instant::now() + wait < total_deadline {
+                // `Retry-After` is this member's request to be left alone: it holds this member
+                // only. Another member takes the retry after the backoff; with none, the retry
+                // waits for this one, but never beyond the backoff cap (the answer, with its
+                // `Retry-After`, is then relayed for the client to back off itself).
+                let now = Instant::now();
+                let asked = retry_after(&resp.headers);
+                let (wait, hold) = if b.another_member(ctx, group, uidx, now) {
+                    (b.backoff, asked.map(|ra| now + ra))
+                } else {
+                    (asked.map_or(b.backoff, |ra| ra.max(b.backoff)), None)
+                };
+                if wait <= MAX_BACKOFF && now + wait < total_deadline {
                     return Err(Attempt::Retry {
                         status: resp.status.as_u16(),
                         wait,
+                        hold,
                         head_after,
                     });
                 }
