@@ -655,34 +655,22 @@ fn http10_keep_alive_is_acknowledged() {
     let mock = Mock::start(&[]);
     let limit = "      ratelimit:\n        per_second: 1\n        burst: 1";
     let proxy = Proxy::start(&config(mock.port(), limit, "", ""), &["--shards", "1"]);
-    let ka = b"GET /v1/models HTTP/1.0\r\nConnection: keep-alive\r\n\r\n";
     let mut c = Client::connect(proxy.port);
-    c.send(ka);
-    let r = c.read_response("GET").expect("first answer");
-    assert_eq!(r.status, 200, "{}", r.text());
-    assert_eq!(
-        r.header("connection"),
-        Some("keep-alive"),
-        "{:?}",
-        r.headers
-    );
+    // Each answer on the one connection: the status, and keep-alive said.
+    let mut kept_alive = |status: u16| {
+        c.send(b"GET /v1/models HTTP/1.0\r\nConnection: keep-alive\r\n\r\n");
+        let r = c
+            .read_response("GET")
+            .expect("an answer on the same connection");
+        assert_eq!(r.status, status, "{}", r.text());
+        let connection = r.header("connection");
+        assert_eq!(connection, Some("keep-alive"), "{:?}", r.headers);
+    };
+    kept_alive(200);
     // The limiter's 429 keeps a bodiless request's connection: the 1.0 client must hear it.
-    c.send(ka);
-    let r = c.read_response("GET").expect("429 on the same connection");
-    assert_eq!(r.status, 429, "{}", r.text());
-    assert_eq!(
-        r.header("connection"),
-        Some("keep-alive"),
-        "{:?}",
-        r.headers
-    );
+    kept_alive(429);
     std::thread::sleep(Duration::from_millis(1100));
-    c.send(ka);
-    let r = c
-        .read_response("GET")
-        .expect("third answer, same connection");
-    assert_eq!(r.status, 200, "{}", r.text());
-    assert_eq!(r.header("connection"), Some("keep-alive"));
+    kept_alive(200);
     assert!(!c.is_closed(Duration::from_millis(100)));
     std::thread::sleep(Duration::from_millis(1100));
 

@@ -160,6 +160,17 @@ fn a_5xx_is_retried_on_another_member_only_when_retry_is_on() {
         )));
 }
 
+/// A chat completion whose injected error (if the mock injects one) carries `Retry-After: secs`.
+fn chat_with_retry_after(port: u16, secs: &str) -> Response {
+    request(
+        port,
+        "POST",
+        "/v1/chat/completions",
+        &[("x-mock-retry-after", secs)],
+        &chat(false),
+    )
+}
+
 const RETRY: &str = "    http_client:\n      retry:\n        attempts: 2\n        initial: 100";
 
 /// `Retry-After` is the sending member's request to be left alone that long: with no other
@@ -178,13 +189,7 @@ fn retry_after_is_honoured_for_the_member_that_sent_it() {
         &["--shards", "1"],
     );
     let t = Instant::now();
-    let r = request(
-        proxy.port,
-        "POST",
-        "/v1/chat/completions",
-        &[("x-mock-retry-after", "1")],
-        &chat(false),
-    );
+    let r = chat_with_retry_after(proxy.port, "1");
     assert_eq!(r.status, 200, "{}", r.text());
     let took = t.elapsed();
     assert!(took >= Duration::from_millis(950), "{took:?}");
@@ -204,13 +209,7 @@ fn retry_after_holds_only_the_member_that_sent_it() {
         &["--shards", "1"],
     );
     let t = Instant::now();
-    let r = request(
-        proxy.port,
-        "POST",
-        "/v1/chat/completions",
-        &[("x-mock-retry-after", "60")],
-        &chat(false),
-    );
+    let r = chat_with_retry_after(proxy.port, "60");
     assert_eq!(r.status, 200, "{}", r.text());
     assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
     assert_eq!((limited.stat("requests"), live.stat("requests")), (1, 1));
@@ -227,13 +226,7 @@ fn a_long_retry_after_with_no_other_member_is_relayed() {
         &["--shards", "1"],
     );
     let t = Instant::now();
-    let r = request(
-        proxy.port,
-        "POST",
-        "/v1/chat/completions",
-        &[("x-mock-retry-after", "60")],
-        &chat(false),
-    );
+    let r = chat_with_retry_after(proxy.port, "60");
     assert_eq!(r.status, 429, "{}", r.text());
     assert_eq!(r.header("retry-after"), Some("60"));
     assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
@@ -249,13 +242,7 @@ fn a_long_retry_after_with_no_other_member_is_relayed() {
         &["--shards", "1"],
     );
     let t = Instant::now();
-    let r = request(
-        proxy.port,
-        "POST",
-        "/v1/chat/completions",
-        &[("x-mock-retry-after", "60")],
-        &chat(false),
-    );
+    let r = chat_with_retry_after(proxy.port, "60");
     assert!(matches!(r.status, 429 | 503), "{} {}", r.status, r.text());
     assert_eq!(r.header("retry-after"), Some("60"));
     assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
@@ -263,13 +250,7 @@ fn a_long_retry_after_with_no_other_member_is_relayed() {
 
     // An absurd delay is just a long one (no clock overflow in the shard).
     let huge = u64::MAX.to_string();
-    let r = request(
-        proxy.port,
-        "POST",
-        "/v1/chat/completions",
-        &[("x-mock-retry-after", &huge)],
-        &chat(false),
-    );
+    let r = chat_with_retry_after(proxy.port, &huge);
     assert!(matches!(r.status, 429 | 503), "{} {}", r.status, r.text());
     assert_eq!(r.header("retry-after"), Some(huge.as_str()));
     assert_eq!((a.stat("requests"), b.stat("requests")), (2, 2));
