@@ -287,7 +287,10 @@ impl AdminHeadDecoder {
             self.scanner.reset();
             self.lf_checked = 0;
         }
-        let end = self.scanner.find_end(src);
+        let end = self
+            .scanner
+            .find_end(src)
+            .map_err(|_| HeadError::Malformed("line ends must be CRLF".into()))?;
         let head_len = end.unwrap_or(src.len());
         if head_len > MAX_HEAD_BYTES {
             return Err(HeadError::TooLarge);
@@ -348,6 +351,8 @@ struct Head {
     method: Method,
     path: String,
     keep_alive: bool,
+    /// An HTTP/1.0 request: keep-alive must then be said in the answer.
+    http10: bool,
     has_body: bool,
 }
 
@@ -380,6 +385,7 @@ impl Head {
             method: parts.method.clone(),
             path: parts.uri.path().to_string(),
             keep_alive,
+            http10: parts.version == Version::HTTP_10,
             has_body,
         }
     }
@@ -416,8 +422,14 @@ impl Reply {
     }
 
     /// Serialises the reply with monoio-http's encoder (it writes `content-length` itself);
-    /// `head_only` for HEAD requests.
-    async fn encode(self, keep_alive: bool, head_only: bool) -> Result<Vec<u8>, HttpError> {
+    /// `head_only` for HEAD requests; `http10` for an HTTP/1.0 client (which closes after an answer
+    /// that does not say keep-alive).
+    async fn encode(
+        self,
+        keep_alive: bool,
+        head_only: bool,
+        http10: bool,
+    ) -> Result<Vec<u8>, HttpError> {
         let body_len = self.body.len();
         let mut res = http::Response::new(Payload::<Bytes, HttpError>::Fixed(FixedPayload::new(
             self.body,
@@ -431,6 +443,8 @@ impl Reply {
         }
         if !keep_alive {
             headers.insert(CONNECTION, HeaderValue::from_static("close"));
+        } else if http10 {
+            headers.insert(CONNECTION, HeaderValue::from_static("keep-alive"));
         }
         let mut out = Capture(Vec::with_capacity(256 + body_len));
         GenericEncoder::new(&mut out).send_and_flush(res).await?;
@@ -637,7 +651,7 @@ fn status_json(m: &Merged, config: &Config, health: &Health, now: Instant) -> se
 
 /// Answers an unusable request and closes (lingering).
 async fn reject(stream: &mut TcpStream, reply: Reply) {
-    match reply.encode(false, false).await {
+    match reply.encode(false, false, false).await {
         Ok(bytes) => close_lingering(stream, bytes).await,
         Err(e) => tracing::warn!(error = %describe(&e), "admin reply not encoded"),
     }
@@ -716,7 +730,10 @@ async fn serve_connection(stream: TcpStream, ctx: Rc<Ctx>) {
         let head = Head::new(&parts, &body);
         let reply = route(&head, &ctx);
         let keep_alive = head.keep_alive && !head.has_body && !ctx.stop.load(Ordering::Acquire);
-        let bytes = match reply.encode(keep_alive, head.method == Method::HEAD).await {
+        let bytes = match reply
+            .encode(keep_alive, head.method == Method::HEAD, head.http10)
+            .await
+        {
             Ok(bytes) => bytes,
             Err(e) => {
                 tracing::warn!(error = %describe(&e), "admin reply not encoded");

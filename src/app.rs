@@ -208,7 +208,7 @@ pub fn serve(cfg: Config, egress: Egress) -> Result<ExitCode, String> {
             tracing::info!(
                 group = %g.name,
                 proxy = %p.proxy.display_url,
-                address = %p.addr,
+                addresses = ?p.addrs,
                 credentials = p.proxy.authorization.is_some(),
                 "upstreams reached through an outbound proxy"
             );

@@ -644,3 +644,234 @@ fn pooled_connections_idle_out() {
     // Two upstream connections (before and after the idle timeout) and this stats call.
     assert_eq!(s["connections_accepted"], 3, "{s}");
 }
+
+/// An HTTP/1.0 client that asks for keep-alive (`ab -k`, old load balancers' health checks) is
+/// told so with `Connection: keep-alive`: an HTTP/1.0 client closes after any answer without it.
+/// That holds for relayed answers, for the proxy's own kept-alive errors (429) and for the
+/// admin listener; a 1.0 client that did not ask, or a body the proxy can only end by closing,
+/// gets `Connection: close`.
+#[test]
+fn http10_keep_alive_is_acknowledged() {
+    let mock = Mock::start(&[]);
+    let limit = "      ratelimit:\n        per_second: 1\n        burst: 1";
+    let proxy = Proxy::start(&config(mock.port(), limit, "", ""), &["--shards", "1"]);
+    let mut c = Client::connect(proxy.port);
+    // Each answer on the one connection: the status, and keep-alive said.
+    let mut kept_alive = |status: u16| {
+        c.send(b"GET /v1/models HTTP/1.0\r\nConnection: keep-alive\r\n\r\n");
+        let r = c
+            .read_response("GET")
+            .expect("an answer on the same connection");
+        assert_eq!(r.status, status, "{}", r.text());
+        let connection = r.header("connection");
+        assert_eq!(connection, Some("keep-alive"), "{:?}", r.headers);
+    };
+    kept_alive(200);
+    // The limiter's 429 keeps a bodiless request's connection: the 1.0 client must hear it.
+    kept_alive(429);
+    std::thread::sleep(Duration::from_millis(1100));
+    kept_alive(200);
+    assert!(!c.is_closed(Duration::from_millis(100)));
+    std::thread::sleep(Duration::from_millis(1100));
+
+    // A 1.0 client that did not ask is closed, and told so.
+    let mut c = Client::connect(proxy.port);
+    c.send(b"GET /v1/models HTTP/1.0\r\n\r\n");
+    let r = c.read_response("GET").expect("answer");
+    assert_eq!((r.status, r.header("connection")), (200, Some("close")));
+    assert!(r.closed);
+    std::thread::sleep(Duration::from_millis(1100));
+
+    // A chunked upstream answer reaches a 1.0 client close-delimited: no keep-alive possible.
+    let body = sse_body(true);
+    let mut c = Client::connect(proxy.port);
+    c.send(
+        &[
+            format!(
+                "POST /v1/chat/completions HTTP/1.0\r\nConnection: keep-alive\r\ncontent-length: {}\r\n\r\n",
+                body.len()
+            )
+            .as_bytes(),
+            &body,
+        ]
+        .concat(),
+    );
+    let r = c.read_response("POST").expect("streamed answer");
+    assert_eq!((r.status, r.header("connection")), (200, Some("close")));
+    assert!(r.closed && r.text().contains("[DONE]"), "{}", r.text());
+
+    // The admin listener too.
+    let mut c = Client::connect(proxy.admin);
+    for _ in 0..2 {
+        c.send(b"GET /ping HTTP/1.0\r\nConnection: keep-alive\r\n\r\n");
+        let r = c.read_response("GET").expect("admin answer");
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(
+            r.header("connection"),
+            Some("keep-alive"),
+            "{:?}",
+            r.headers
+        );
+    }
+}
+
+/// An upstream that refuses a request from its head alone answers before reading the body and
+/// closes (a 413 for a body too large, a 401, ...). The client gets that answer, as from nginx,
+/// instead of a 502 for the body that could not be sent, and both connections are closed (the
+/// rest of the body was never read).
+#[test]
+fn an_upstream_answering_before_the_body_is_relayed() {
+    use std::io::Write;
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let answer = br#"{"error":{"message":"body too large for this model","type":"invalid_request_error","code":"too_large"}}"#;
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(mut c) = c else { return };
+            let mut head = Vec::new();
+            let mut tmp = [0u8; 4096];
+            while find(&head, b"\r\n\r\n").is_none() {
+                match c.read(&mut tmp) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => head.extend_from_slice(&tmp[..n]),
+                }
+            }
+            let _ = c.write_all(
+                &[
+                    format!(
+                        "HTTP/1.1 413 Payload Too Large\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                        answer.len()
+                    )
+                    .as_bytes(),
+                    answer,
+                ]
+                .concat(),
+            );
+            // Closing with the body unread resets the connection under the proxy's writes.
+            drop(c);
+        }
+    });
+    let proxy = Proxy::start(
+        &config_with_url(&format!("http://127.0.0.1:{port}"), "", "", ""),
+        &["--shards", "1"],
+    );
+    let body_len = 5 << 20;
+    let mut c = Client::connect(proxy.port);
+    c.send(
+        format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\ncontent-length: {body_len}\r\n\r\n"
+        )
+        .as_bytes(),
+    );
+    let mut w = c.stream.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        let piece = vec![b'x'; 64 * 1024];
+        for _ in 0..body_len / piece.len() {
+            if w.write_all(&piece).is_err() {
+                return;
+            }
+        }
+    });
+    let t = Instant::now();
+    let r = c.read_response("POST").expect("an answer");
+    assert_eq!(r.status, 413, "{}", r.text());
+    assert_eq!(r.body, answer.to_vec(), "the upstream's own answer");
+    assert_eq!(r.header("connection"), Some("close"));
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    writer.join().unwrap();
+    assert!(
+        c.is_closed(Duration::from_secs(3)),
+        "the client connection is closed"
+    );
+}
+
+/// `timeout.request` bounds the upstream's part of an exchange: its clock starts once the client
+/// has sent the whole request (as Envoy's route timeout does). A client uploading slowly (but
+/// with no gap over the forward's `timeout.connect`) is not answered 504 for its own slowness,
+/// and nothing it does counts against the upstream; a gap over `timeout.connect` is the
+/// client's 408, not an upstream failure either.
+#[test]
+fn a_slow_upload_does_not_use_up_the_upstream_timeout() {
+    use std::io::Write;
+    let mock = Mock::start(&[]);
+    let forward = "      timeout:\n        connect: 1";
+    let group = "    http_client:\n      timeout:\n        request: 2";
+    let proxy = Proxy::start(&config(mock.port(), forward, "", group), &["--shards", "1"]);
+    let body = sse_body(false);
+    let trickle = |extra: &str| {
+        let mut c = Client::connect(proxy.port);
+        c.send(
+            format!(
+                "POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\ncontent-length: {}\r\n{extra}\r\n",
+                body.len()
+            )
+            .as_bytes(),
+        );
+        // 5 pieces 0.7 s apart: 2.8 s of upload, more than `request`, no gap over `connect`.
+        for piece in body.chunks(body.len().div_ceil(5)) {
+            std::thread::sleep(Duration::from_millis(700));
+            c.stream.write_all(piece).unwrap();
+        }
+        let sent = Instant::now();
+        (c.read_response("POST").expect("an answer"), sent.elapsed())
+    };
+    let (r, _) = trickle("");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.text().contains("chat.completion"), "{}", r.text());
+
+    // The upstream still gets its `request` (2 s) once the body is in, and no more.
+    let (r, after_body) = trickle("x-mock-delay-ms: 4000\r\n");
+    assert_eq!(r.status, 504, "{}", r.text());
+    assert_eq!(r.json()["error"]["code"], "upstream_timeout");
+    assert!(
+        after_body >= Duration::from_millis(1800) && after_body < Duration::from_millis(3500),
+        "504 came {after_body:?} after the body"
+    );
+
+    // A body stalled past `timeout.connect` is the client's 408.
+    let mut c = Client::connect(proxy.port);
+    c.send(
+        format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\ncontent-length: {}\r\n\r\n{}",
+            body.len(),
+            String::from_utf8_lossy(&body[..5])
+        )
+        .as_bytes(),
+    );
+    let r = c.read_response("POST").expect("an answer");
+    assert_eq!(r.status, 408, "{}", r.text());
+    assert_eq!(r.json()["error"]["code"], "request_timeout");
+
+    // Only the delayed answer counts against the upstream: one timeout, one breaker failure.
+    let metrics = || proxy.admin_get("/metrics").text();
+    let sample = |text: &str, prefix: &str, tail: &str| -> Option<u64> {
+        text.lines()
+            .find(|l| l.starts_with(prefix) && l.contains(tail))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+    };
+    assert!(
+        eventually(Duration::from_secs(3), || sample(
+            &metrics(),
+            "llmproxy_circuitbreaker_calls_total{",
+            "result=\"success\"}"
+        ) == Some(1)),
+        "{}",
+        metrics()
+    );
+    let text = metrics();
+    let failures = sample(
+        &text,
+        "llmproxy_circuitbreaker_calls_total{",
+        "result=\"failure\"}",
+    );
+    assert_eq!(failures, Some(1), "{text}");
+    let errors: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("llmproxy_upstream_errors_total{"))
+        .collect();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(
+        errors[0].contains("error=\"timeout\"") && errors[0].ends_with(" 1"),
+        "{errors:?}"
+    );
+}

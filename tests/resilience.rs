@@ -160,28 +160,104 @@ fn a_5xx_is_retried_on_another_member_only_when_retry_is_on() {
         )));
 }
 
+/// A chat completion whose injected error (if the mock injects one) carries `Retry-After: secs`.
+fn chat_with_retry_after(port: u16, secs: &str) -> Response {
+    request(
+        port,
+        "POST",
+        "/v1/chat/completions",
+        &[("x-mock-retry-after", secs)],
+        &chat(false),
+    )
+}
+
+const RETRY: &str = "    http_client:\n      retry:\n        attempts: 2\n        initial: 100";
+
+/// `Retry-After` is the sending member's request to be left alone that long: with no other
+/// member to take the retry, the proxy waits it out (up to the 30 s backoff cap) and asks the
+/// same member again.
 #[test]
-fn retry_after_is_honoured() {
-    let limited = Mock::start(&["--error-status", "429"]);
-    let live = Mock::start(&[]);
-    let retry = "    http_client:\n      retry:\n        attempts: 1\n        initial: 100";
+fn retry_after_is_honoured_for_the_member_that_sent_it() {
+    // Every second request is a 429 (the first one, sent directly, succeeds).
+    let limited = Mock::start(&["--error-status", "429", "--error-rate", "0.5"]);
+    assert_eq!(
+        request(limited.port(), "GET", "/v1/models", &[], b"").status,
+        200
+    );
     let proxy = Proxy::start(
-        &two_member_config(limited.port(), live.port(), retry),
+        &group_config(&[("a", limited.port(), "")], RETRY),
         &["--shards", "1"],
     );
     let t = Instant::now();
-    let r = request(
-        proxy.port,
-        "POST",
-        "/v1/chat/completions",
-        &[("x-mock-retry-after", "1")],
-        &chat(false),
-    );
+    let r = chat_with_retry_after(proxy.port, "1");
     assert_eq!(r.status, 200, "{}", r.text());
+    let took = t.elapsed();
+    assert!(took >= Duration::from_millis(950), "{took:?}");
+    assert!(took < Duration::from_secs(3), "{took:?}");
+    assert_eq!(limited.stat("requests"), 3);
+}
+
+/// It holds that member only: another member takes the retry after the normal backoff, so the
+/// client is not kept waiting for a delay that was never asked of the member serving it.
+#[test]
+fn retry_after_holds_only_the_member_that_sent_it() {
+    let limited = Mock::start(&["--error-status", "429"]);
+    let live = Mock::start(&[]);
+    let group = format!("    balance:\n      strategy: failover\n{RETRY}");
+    let proxy = Proxy::start(
+        &two_member_config(limited.port(), live.port(), &group),
+        &["--shards", "1"],
+    );
+    let t = Instant::now();
+    let r = chat_with_retry_after(proxy.port, "60");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    assert_eq!((limited.stat("requests"), live.stat("requests")), (1, 1));
+}
+
+/// A `Retry-After` beyond the 30 s backoff cap, with no other member free to take the retry:
+/// the answer is relayed as it is, `Retry-After` included, for the client to back off itself,
+/// instead of holding the client for a minute.
+#[test]
+fn a_long_retry_after_with_no_other_member_is_relayed() {
+    let one = Mock::start(&["--error-status", "429"]);
+    let proxy = Proxy::start(
+        &group_config(&[("a", one.port(), "")], RETRY),
+        &["--shards", "1"],
+    );
+    let t = Instant::now();
+    let r = chat_with_retry_after(proxy.port, "60");
+    assert_eq!(r.status, 429, "{}", r.text());
+    assert_eq!(r.header("retry-after"), Some("60"));
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    assert_eq!(one.stat("requests"), 1);
+    drop(proxy);
+
+    // Two members that both ask for a minute: each is asked once, then the second's answer is
+    // relayed (the first is still held).
+    let a = Mock::start(&["--error-status", "503"]);
+    let b = Mock::start(&["--error-status", "429"]);
+    let proxy = Proxy::start(
+        &two_member_config(a.port(), b.port(), RETRY),
+        &["--shards", "1"],
+    );
+    let t = Instant::now();
+    let r = chat_with_retry_after(proxy.port, "60");
+    assert!(matches!(r.status, 429 | 503), "{} {}", r.status, r.text());
+    assert_eq!(r.header("retry-after"), Some("60"));
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    assert_eq!((a.stat("requests"), b.stat("requests")), (1, 1));
+
+    // An absurd delay is just a long one (no clock overflow in the shard).
+    let huge = u64::MAX.to_string();
+    let r = chat_with_retry_after(proxy.port, &huge);
+    assert!(matches!(r.status, 429 | 503), "{} {}", r.status, r.text());
+    assert_eq!(r.header("retry-after"), Some(huge.as_str()));
+    assert_eq!((a.stat("requests"), b.stat("requests")), (2, 2));
     assert!(
-        t.elapsed() >= Duration::from_millis(950),
-        "{:?}",
-        t.elapsed()
+        !proxy.log_text().contains("panicked"),
+        "{}",
+        proxy.log_text()
     );
 }
 

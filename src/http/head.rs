@@ -10,7 +10,7 @@ use http::{Method, StatusCode, Uri, Version};
 
 use super::body::Framing;
 use super::fields::{Fields, Known};
-use super::scan::{find_crlfcrlf, has_bare_lf};
+use super::scan::{find_crlfcrlf, has_bare_lf, has_bare_lf_from};
 
 /// Most header fields in one head (more is 431 for requests, a bad response upstream).
 pub const MAX_HEADERS: usize = 96;
@@ -37,18 +37,29 @@ pub struct HeadScanner {
     scanned: usize,
 }
 
+/// An unfinished head already holds a line ended by a bare LF: it can never be accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BareLf;
+
 impl HeadScanner {
-    /// Length of the head including its final CRLFCRLF, once complete.
-    pub fn find_end(&mut self, buf: &[u8]) -> Option<usize> {
+    /// Length of the head including its final CRLFCRLF, once complete. An unfinished head with
+    /// a bare LF among its new bytes is refused at once: a peer that ends lines with LF alone
+    /// would never send the CRLFCRLF and be left waiting for its timeout. (A complete head is
+    /// checked whole by its parser; heads that arrive in one read never take this extra scan.)
+    pub fn find_end(&mut self, buf: &[u8]) -> Result<Option<usize>, BareLf> {
         let from = self.scanned.saturating_sub(3);
         match find_crlfcrlf(&buf[from..]) {
             Some(i) => {
                 self.scanned = 0;
-                Some(from + i + 4)
+                Ok(Some(from + i + 4))
             }
             None => {
+                if has_bare_lf_from(buf, self.scanned) {
+                    self.scanned = 0;
+                    return Err(BareLf);
+                }
                 self.scanned = buf.len();
-                None
+                Ok(None)
             }
         }
     }
@@ -86,7 +97,10 @@ pub fn take_request(
         let _ = buf.split_to(2);
         scanner.reset();
     }
-    let Some(end) = scanner.find_end(buf) else {
+    let end = scanner
+        .find_end(buf)
+        .map_err(|BareLf| HeadError::Malformed("bare LF in request head"))?;
+    let Some(end) = end else {
         if buf.len() > max {
             return Err(HeadError::TooLarge(max));
         }
@@ -345,7 +359,10 @@ pub fn take_response(
     max: usize,
     request_method: &Method,
 ) -> Result<Option<Response>, ResponseHeadError> {
-    let Some(end) = scanner.find_end(buf) else {
+    let end = scanner
+        .find_end(buf)
+        .map_err(|BareLf| ResponseHeadError::Malformed("bare LF"))?;
+    let Some(end) = end else {
         if buf.len() > max {
             return Err(ResponseHeadError::TooLarge(max));
         }
@@ -428,9 +445,30 @@ mod tests {
     fn scanner_finds_end_across_reads() {
         let mut s = HeadScanner::default();
         let mut buf = BytesMut::from(&b"GET / HTTP/1.1\r\nHost: a\r\n\r"[..]);
-        assert_eq!(s.find_end(&buf), None);
+        assert_eq!(s.find_end(&buf), Ok(None));
         buf.extend_from_slice(b"\nbody");
-        assert_eq!(s.find_end(&buf), Some(buf.len() - 4));
+        assert_eq!(s.find_end(&buf), Ok(Some(buf.len() - 4)));
+    }
+
+    #[test]
+    fn an_unfinished_head_with_a_bare_lf_is_refused_without_waiting_for_its_end() {
+        // A CR at the end of one read pairs with the LF that starts the next.
+        let mut s = HeadScanner::default();
+        let mut buf = BytesMut::from(&b"GET / HTTP/1.1\r"[..]);
+        assert_eq!(s.find_end(&buf), Ok(None));
+        buf.extend_from_slice(b"\nHost: a\r\n");
+        assert_eq!(s.find_end(&buf), Ok(None));
+        buf.extend_from_slice(b"X: 1\n");
+        assert_eq!(s.find_end(&buf), Err(BareLf));
+        assert_eq!(
+            req("GET / HTTP/1.1\nHost: a\n\n").unwrap_err(),
+            HeadError::Malformed("bare LF in request head")
+        );
+        let mut b = BytesMut::from(&b"HTTP/1.1 200 OK\nContent-Length: 0\n\n"[..]);
+        assert_eq!(
+            take_response(&mut b, &mut HeadScanner::default(), 65536, &Method::GET).unwrap_err(),
+            ResponseHeadError::Malformed("bare LF")
+        );
     }
 
     #[test]

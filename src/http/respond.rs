@@ -2,7 +2,7 @@
 //! answers, and canned JSON errors in the OpenAI error shape.
 
 use bytes::BytesMut;
-use http::StatusCode;
+use http::{StatusCode, Version};
 
 use super::fields::{Fields, Known};
 
@@ -20,7 +20,8 @@ pub enum BodyOut {
 }
 
 /// Appends a response head: status line, the upstream's end-to-end headers, then framing and
-/// connection headers chosen by the proxy.
+/// connection headers chosen by the proxy. `client` is the client's HTTP version: an HTTP/1.0
+/// client closes after any answer that does not say `Connection: keep-alive`.
 pub fn encode_response_head(
     out: &mut BytesMut,
     status: StatusCode,
@@ -28,6 +29,7 @@ pub fn encode_response_head(
     body: BodyOut,
     keep_alive: bool,
     keep_upstream_length: bool,
+    client: Version,
 ) {
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.as_str().as_bytes());
@@ -58,6 +60,8 @@ pub fn encode_response_head(
     }
     if !keep_alive || body == BodyOut::Close {
         out.extend_from_slice(b"connection: close\r\n");
+    } else if client == Version::HTTP_10 {
+        out.extend_from_slice(b"connection: keep-alive\r\n");
     }
     out.extend_from_slice(b"\r\n");
 }
@@ -330,11 +334,34 @@ mod tests {
             BodyOut::Chunked,
             true,
             false,
+            Version::HTTP_11,
         );
         let s = String::from_utf8(out.to_vec()).unwrap();
         assert_eq!(
             s,
             "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
         );
+    }
+
+    #[test]
+    fn an_http10_client_kept_alive_is_told_so() {
+        let head = |keep: bool, body: BodyOut, v: Version| {
+            let mut out = BytesMut::new();
+            encode_response_head(
+                &mut out,
+                StatusCode::OK,
+                &Fields::default(),
+                body,
+                keep,
+                false,
+                v,
+            );
+            String::from_utf8(out.to_vec()).unwrap()
+        };
+        let ten = Version::HTTP_10;
+        assert!(head(true, BodyOut::Length(0), ten).contains("connection: keep-alive\r\n"));
+        assert!(!head(true, BodyOut::Length(0), Version::HTTP_11).contains("connection:"));
+        assert!(head(false, BodyOut::Length(0), ten).contains("connection: close\r\n"));
+        assert!(head(true, BodyOut::Close, ten).contains("connection: close\r\n"));
     }
 }

@@ -56,8 +56,12 @@ pub fn find_crlf(hay: &[u8]) -> Option<usize> {
 
 /// A `\n` not preceded by `\r`.
 pub fn has_bare_lf(hay: &[u8]) -> bool {
-    let mut from = 0;
-    while let Some(p) = find_byte(&hay[from..], b'\n') {
+    has_bare_lf_from(hay, 0)
+}
+
+/// A `\n` at or after `from` not preceded by `\r` (the byte before `from` counts as context).
+pub fn has_bare_lf_from(hay: &[u8], mut from: usize) -> bool {
+    while let Some(p) = hay.get(from..).and_then(|h| find_byte(h, b'\n')) {
         let lf = from + p;
         if lf == 0 || hay[lf - 1] != b'\r' {
             return true;
@@ -109,6 +113,14 @@ mod tests {
                         "{h:?}"
                     );
                     assert_eq!(has_bare_lf(h), naive_bare_lf(h), "{h:?}");
+                    for from in 0..=h.len() {
+                        let naive = h
+                            .iter()
+                            .enumerate()
+                            .skip(from)
+                            .any(|(i, &b)| b == b'\n' && (i == 0 || h[i - 1] != b'\r'));
+                        assert_eq!(has_bare_lf_from(h, from), naive, "{h:?} from {from}");
+                    }
                 }
             }
         }
@@ -125,5 +137,10 @@ mod tests {
         assert!(has_bare_lf(b"\n"));
         assert!(has_bare_lf(b"GET / HTTP/1.1\r\nX: 1\n\r\n"));
         assert!(!has_bare_lf(b"GET / HTTP/1.1\r\nX: 1\r\n\r\n"));
+        // The CR before `from` still pairs with an LF at `from`.
+        assert!(!has_bare_lf_from(b"X: 1\r\n", 5));
+        assert!(has_bare_lf_from(b"X: 1\n\r\n", 3));
+        assert!(!has_bare_lf_from(b"X: 1\n\r\n", 5));
+        assert!(!has_bare_lf_from(b"ab", 9));
     }
 }

@@ -33,6 +33,9 @@ const DEFAULT_REPLAY_CAP: usize = 1 << 20;
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// How long the upstream may take before the client is watched for a disconnect.
 const WATCH_AFTER: Duration = Duration::from_millis(2);
+/// How long an upstream that stopped taking the request body may take to show the answer it
+/// sent early. One that closed or reset the connection has it in our receive buffer already.
+const EARLY_ANSWER_WAIT: Duration = Duration::from_secs(1);
 
 /// Serves one request. Returns whether the downstream connection stays open.
 pub(super) async fn exchange(
@@ -80,8 +83,15 @@ pub(super) async fn exchange(
                 && req.framing == crate::http::body::Framing::Empty
                 && !ctx.drain.fired();
             let secs = secs.max(1).to_string();
+            let retry_after = ("retry-after", secs.as_str());
+            // An HTTP/1.0 client closes after an answer that does not say keep-alive.
+            let extra: &[(&str, &str)] = if keep && req.version == http::Version::HTTP_10 {
+                &[retry_after, ("connection", "keep-alive")]
+            } else {
+                &[retry_after]
+            };
             d.out
-                .reply_error_with(&reply, keep, send_limit, &[("retry-after", &secs)])
+                .reply_error_with(&reply, keep, send_limit, extra)
                 .await;
             if keep {
                 After::KeepAlive
@@ -118,14 +128,50 @@ enum Attempt {
     Retry {
         status: u16,
         wait: Duration,
+        /// The member asked (`Retry-After`) not to be sent this request again before then.
+        hold: Option<Instant>,
         head_after: Duration,
     },
 }
 
 /// The retry policy's say for one attempt: may a 5xx/429 answer be retried instead of relayed?
-struct RetryBudget {
+struct RetryBudget<'a> {
     backoff: Duration,
-    deadline: Instant,
+    tried: &'a Tried,
+    holds: &'a [Hold],
+}
+
+/// A member that answered with `Retry-After`: this request is not sent to it again before
+/// `until`. Per request, so a member's wish costs nothing on the common path; other requests
+/// learn of its trouble through the breaker (429 and 5xx count as failures).
+#[derive(Clone, Copy)]
+struct Hold {
+    upstream: usize,
+    until: Instant,
+}
+
+impl RetryBudget<'_> {
+    /// Could a member other than `uidx` take the retry now? The members the next pick chooses
+    /// from: available, not held, and not tried yet unless every member was (see
+    /// [`next_round`]).
+    fn another_member(&self, ctx: &ShardCtx, group: &Group, uidx: usize, now: Instant) -> bool {
+        let tried = self.tried.as_slice();
+        let all_tried = group.members.iter().all(|m| tried.contains(&m.upstream));
+        group.members.iter().any(|m| {
+            let u = m.upstream;
+            u != uidx
+                && (all_tried || !tried.contains(&u))
+                && !held(self.holds, u, now)
+                && ctx.health.is_available(u, now)
+                && ctx.limits.upstream_would_admit(u, now)
+        })
+    }
+}
+
+fn held(holds: &[Hold], upstream: usize, now: Instant) -> bool {
+    holds
+        .iter()
+        .any(|h| h.upstream == upstream && h.until > now)
 }
 
 async fn run(
@@ -162,8 +208,12 @@ async fn run(
     let replay_cap = retry.map_or(DEFAULT_REPLAY_CAP, |r| r.max_replay_body_bytes);
     let mut body = BodySend::new(req.framing, forward.max_body_bytes, replay_cap);
     let idempotent = is_idempotent(req);
-    let deadline = start + group.client.request_timeout;
+    // When the whole request had been sent: `timeout.request` bounds the upstreams' part of the
+    // exchange from then on (Envoy's route timeout), retries included. The client's upload
+    // before it is bounded by the forward's `timeout.connect` per gap (408), never counted here.
+    let mut sent_at: Option<Instant> = None;
     let mut tried = Tried::default();
+    let mut holds: Vec<Hold> = Vec::new();
     let mut retries = 0u32;
     let mut last: Option<Failure> = None;
 
@@ -186,12 +236,22 @@ async fn run(
         };
         let budget = retry.filter(|r| retries < r.attempts).map(|r| RetryBudget {
             backoff: backoff(ctx, r.initial, retries),
-            deadline,
+            tried: &tried,
+            holds: &holds,
         });
         let _in_flight = ctx.in_flight(uidx);
         let up_start = now;
         let res = attempt(
-            ctx, fwd, d, req, group_idx, group, uidx, &mut body, start, budget,
+            ctx,
+            fwd,
+            d,
+            req,
+            group_idx,
+            group,
+            uidx,
+            &mut body,
+            &mut sent_at,
+            budget,
         )
         .await;
         let elapsed = up_start.elapsed();
@@ -233,12 +293,20 @@ async fn run(
         match res {
             Attempt::Done(status, after, _) => return Ok((status, after)),
             Attempt::Cut(f, status, _) => return Err((f, Sent::Head(status))),
-            Attempt::Retry { status, wait, .. } => {
+            Attempt::Retry {
+                status, wait, hold, ..
+            } => {
                 retries += 1;
                 ctx.stats.upstream_retry(group_idx, uidx);
                 tracing::debug!(upstream = %ctx.config.upstreams[uidx].name, status, ?wait, "retrying");
+                if let Some(until) = hold {
+                    holds.push(Hold {
+                        upstream: uidx,
+                        until,
+                    });
+                }
                 monoio::time::sleep(wait).await;
-                retry_any_member(group, &mut tried);
+                next_round(group, &mut tried, &holds);
                 last = Some(Failure::Upstream(
                     errors::UPSTREAM_BAD_RESPONSE,
                     UpstreamErrorKind::Status5xx,
@@ -260,13 +328,14 @@ async fn run(
                 match retry {
                     Some(r) if retries < r.attempts => {
                         let wait = backoff(ctx, r.initial, retries);
-                        if Instant::now() + wait >= deadline {
+                        let now = Instant::now();
+                        if now + wait >= sent_at.unwrap_or(now) + group.client.request_timeout {
                             return Err((failure, Sent::Nothing));
                         }
                         retries += 1;
                         ctx.stats.upstream_retry(group_idx, uidx);
                         monoio::time::sleep(wait).await;
-                        retry_any_member(group, &mut tried);
+                        next_round(group, &mut tried, &holds);
                     }
                     None if idempotent => ctx.stats.upstream_retry(group_idx, uidx),
                     _ => return Err((failure, Sent::Nothing)),
@@ -294,14 +363,21 @@ fn no_upstream(ctx: &ShardCtx, group: &Group) -> Failure {
     }
 }
 
-/// Retries prefer members not tried yet; when every member was tried, any may take the retry.
-fn retry_any_member(group: &Group, tried: &mut Tried) {
+/// Before a retry's pick: retries prefer members not tried yet; when every member was tried,
+/// any may take the retry, except one still held by its `Retry-After`.
+fn next_round(group: &Group, tried: &mut Tried, holds: &[Hold]) {
     if group
         .members
         .iter()
         .all(|m| tried.as_slice().contains(&m.upstream))
     {
         tried.clear();
+        let now = Instant::now();
+        for h in holds {
+            if h.until > now && !tried.as_slice().contains(&h.upstream) {
+                tried.push(h.upstream);
+            }
+        }
     }
 }
 
@@ -366,10 +442,16 @@ fn is_idempotent(req: &Request) -> bool {
     ) || req.headers.contains(Known::IdempotencyKey)
 }
 
+/// Longest `Retry-After` taken as given (a day); a longer one only needs to be over
+/// [`MAX_BACKOFF`], and an instant that far ahead cannot overflow.
+const MAX_RETRY_AFTER_SECS: u64 = 86_400;
+
 /// `Retry-After` in delta-seconds (an HTTP date is ignored).
 fn retry_after(h: &Fields) -> Option<Duration> {
     let v = std::str::from_utf8(h.get(Known::RetryAfter)?.trim_ascii()).ok()?;
-    v.parse::<u64>().ok().map(Duration::from_secs)
+    v.parse::<u64>()
+        .ok()
+        .map(|s| Duration::from_secs(s.min(MAX_RETRY_AFTER_SECS)))
 }
 
 /// One attempt on upstream `uidx`.
@@ -383,8 +465,8 @@ async fn attempt(
     group: &Group,
     uidx: usize,
     body: &mut BodySend,
-    start: Instant,
-    budget: Option<RetryBudget>,
+    request_sent: &mut Option<Instant>,
+    budget: Option<RetryBudget<'_>>,
 ) -> Attempt {
     let client = &group.client;
     let upstream = &ctx.config.upstreams[uidx];
@@ -426,19 +508,20 @@ async fn attempt(
     };
     encode_request_head(&mut d.out.ubuf, req, &outgoing);
     let idempotent = is_idempotent(req);
-    match send_request(ctx, fwd, d, body, &mut conn, group).await {
-        Ok(()) => {}
+    // An upstream that stops taking the request may have answered early: a 413 or 401 decided
+    // from the head, sent before it closed (or reset) the connection under our writes. That
+    // answer is relayed as nginx does, then both connections close (the rest of the client's
+    // body was never read). With no answer it is the failure it was: some of the request may
+    // have reached the upstream, and whether to send it elsewhere is the attempt loop's call.
+    let early = match send_request(ctx, fwd, d, body, &mut conn, group).await {
+        Ok(()) => false,
         Err(SendError::Client(f)) => return failed(f, true),
-        Err(SendError::Upstream) => {
-            // Some of the request may have reached the upstream: whether to send it elsewhere is
-            // the attempt loop's call (only when a replay is safe).
-            let f = Failure::bad_response();
-            return failed(f, true);
-        }
-    }
+        Err(SendError::Upstream) => true,
+    };
     // An idempotent request on a reused connection that dies before any response byte is sent
     // again once, to the same upstream, on a fresh connection (the keep-alive race).
-    let mut stale_replay = conn.reused && idempotent && body.replayable() && body.complete();
+    let mut stale_replay =
+        !early && conn.reused && idempotent && body.replayable() && body.complete();
 
     // Watch the client while the upstream thinks and streams, so that a client that leaves
     // stops the upstream's work. The watch read starts only once the upstream has taken
@@ -457,6 +540,7 @@ async fn attempt(
     }
     let started = Cell::new(false);
     let sent_at = Instant::now();
+    let total_deadline = *request_sent.get_or_insert(sent_at) + client.request_timeout;
     let watch_at = sent_at + WATCH_AFTER;
     let cancel = d.inp.watch_cancel.handle();
     let (client_r, client_timers) = (&mut d.inp.r, &mut d.inp.timers);
@@ -471,8 +555,10 @@ async fn attempt(
     let out = &mut d.out;
 
     let result: Result<(u16, After, bool, Duration), Attempt> = async {
-        let total_deadline = start + client.request_timeout;
-        let head_deadline = (sent_at + client.first_byte_timeout).min(total_deadline);
+        let mut head_deadline = (sent_at + client.first_byte_timeout).min(total_deadline);
+        if early {
+            head_deadline = head_deadline.min(sent_at + EARLY_ANSWER_WAIT);
+        }
         let mut scanner = HeadScanner::default();
         let resp = loop {
             match head::take_response(&mut conn.rbuf, &mut scanner, MAX_RESPONSE_HEAD, &req.method)
@@ -505,6 +591,7 @@ async fn attempt(
             .map_err(|_| failed(Failure::ClientGone, true))?;
             match got {
                 ReadOutcome::Data => {}
+                ReadOutcome::Timeout if early => return Err(failed(Failure::bad_response(), true)),
                 ReadOutcome::Timeout => return Err(failed(Failure::timed_out(), true)),
                 ReadOutcome::Eof | ReadOutcome::Error(_) => {
                     if stale_replay && conn.rbuf.is_empty() {
@@ -534,15 +621,30 @@ async fn attempt(
         // A retryable answer is not relayed when the retry policy allows another attempt.
         if let (Some(b), Some(_)) = (&budget, status_kind(resp.status.as_u16())) {
             if body.replayable() && body.complete() {
-                let wait = retry_after(&resp.headers).map_or(b.backoff, |ra| ra.max(b.backoff));
-                if Instant::now() + wait < b.deadline {
+                // `Retry-After` is this member's request to be left alone: it holds this member
+                // only. Another member takes the retry after the backoff; with none, the retry
+                // waits for this one, but never beyond the backoff cap (the answer, with its
+                // `Retry-After`, is then relayed for the client to back off itself).
+                let now = Instant::now();
+                let asked = retry_after(&resp.headers);
+                let (wait, hold) = if b.another_member(ctx, group, uidx, now) {
+                    (b.backoff, asked.map(|ra| now + ra))
+                } else {
+                    (asked.map_or(b.backoff, |ra| ra.max(b.backoff)), None)
+                };
+                if wait <= MAX_BACKOFF && now + wait < total_deadline {
                     return Err(Attempt::Retry {
                         status: resp.status.as_u16(),
                         wait,
+                        hold,
                         head_after,
                     });
                 }
             }
+        }
+        if early {
+            // The client may still be sending the body nobody reads: close lingeringly.
+            out.linger = true;
         }
         relay_response(
             ctx,
@@ -553,12 +655,13 @@ async fn attempt(
             &mut conn,
             resp,
             total_deadline,
+            !early,
             &mut watch,
             watch_fut.as_mut(),
             &mut parked,
         )
         .await
-        .map(|(status, after, reusable)| (status, after, reusable, head_after))
+        .map(|(status, after, reusable)| (status, after, reusable && !early, head_after))
         .map_err(|(f, sent)| match sent {
             Sent::Head(status) => Attempt::Cut(f, status, head_after),
             Sent::Nothing => Attempt::Failed {

@@ -88,7 +88,8 @@ pub async fn up_read(
 }
 
 /// Writes the response head and relays the body, leaving its last bytes in `out.wbuf`. Returns
-/// (status, keep client?, upstream connection reusable?).
+/// (status, keep client?, upstream connection reusable?). `in_sync`: the whole request was read
+/// from the client, so its connection may be kept.
 #[allow(clippy::too_many_arguments)]
 pub async fn relay_response<W: Future<Output = BufResult<usize, BytesMut>>>(
     ctx: &ShardCtx,
@@ -99,6 +100,7 @@ pub async fn relay_response<W: Future<Output = BufResult<usize, BytesMut>>>(
     conn: &mut UpConn,
     resp: Response,
     total_deadline: Instant,
+    in_sync: bool,
     watch: &mut Watch,
     mut watch_fut: Pin<&mut W>,
     parked: &mut BytesMut,
@@ -119,7 +121,7 @@ pub async fn relay_response<W: Future<Output = BufResult<usize, BytesMut>>>(
         Framing::Chunked | Framing::Close if client_11 => BodyOut::Chunked,
         Framing::Chunked | Framing::Close => BodyOut::Close,
     };
-    let keep_client = req.keep_alive && body_out != BodyOut::Close && !ctx.drain.fired();
+    let keep_client = in_sync && req.keep_alive && body_out != BodyOut::Close && !ctx.drain.fired();
     out.wbuf.clear();
     encode_response_head(
         &mut out.wbuf,
@@ -128,6 +130,7 @@ pub async fn relay_response<W: Future<Output = BufResult<usize, BytesMut>>>(
         body_out,
         keep_client,
         req.method == Method::HEAD,
+        req.version,
     );
     if streamed {
         // The request is sent and no other attempt can follow a relayed head: a stream that may

@@ -22,19 +22,19 @@ use crate::tls::stream::{Conn, OutboundConn};
 /// Largest `CONNECT` response head accepted from a proxy.
 const MAX_CONNECT_HEAD: usize = 16 * 1024;
 
-/// An outbound proxy and its address, resolved at startup.
+/// An outbound proxy and its addresses, resolved at startup (tried in order, IPv4 first).
 #[derive(Debug, Clone)]
 pub struct OutboundProxy {
-    pub addr: SocketAddr,
+    pub addrs: Box<[SocketAddr]>,
     pub proxy: Proxy,
 }
 
 /// How connections leave the process (built at startup, read-only on the shards).
 #[derive(Debug, Clone, Default)]
 pub struct Egress {
-    /// Per upstream: its address, resolved at startup; `None` when only proxies reach it (the
-    /// proxy resolves the name then).
-    pub upstream_addrs: Vec<Option<SocketAddr>>,
+    /// Per upstream: its addresses, resolved at startup, in the order they are tried (IPv4
+    /// first); empty when only proxies reach it (the proxy resolves the name then).
+    pub upstream_addrs: Vec<Box<[SocketAddr]>>,
     /// The distinct outbound proxies.
     pub proxies: Vec<OutboundProxy>,
     /// Per group: 0 = direct, `n` = through `proxies[n - 1]`.
@@ -63,10 +63,10 @@ impl Egress {
                 group_via.push(i + 1);
                 continue;
             }
-            match resolve_one(&p.host, p.port) {
-                Ok(addr) => {
+            match resolve(&p.host, p.port) {
+                Ok(addrs) => {
                     proxies.push(OutboundProxy {
-                        addr,
+                        addrs,
                         proxy: p.clone(),
                     });
                     group_via.push(proxies.len());
@@ -91,14 +91,14 @@ impl Egress {
                 .peekable();
             let proxied_only = groups.peek().is_some() && groups.all(|(gi, _)| group_via[gi] != 0);
             if proxied_only {
-                upstream_addrs.push(None);
+                upstream_addrs.push(Box::default());
                 continue;
             }
-            match resolve_one(&u.host, u.port) {
-                Ok(a) => upstream_addrs.push(Some(a)),
+            match resolve(&u.host, u.port) {
+                Ok(a) => upstream_addrs.push(a),
                 Err(e) => {
                     errors.push(format!("upstreams[{i}].url: {e} (upstream {})", u.name));
-                    upstream_addrs.push(None);
+                    upstream_addrs.push(Box::default());
                 }
             }
         }
@@ -129,26 +129,33 @@ impl Egress {
     }
 }
 
-fn resolve_one(host: &str, port: u16) -> Result<SocketAddr, String> {
+fn resolve(host: &str, port: u16) -> Result<Box<[SocketAddr]>, String> {
     let found = (host, port)
         .to_socket_addrs()
         .map_err(|e| format!("cannot resolve host `{host}`: {e}"))?;
-    preferred_address(found).ok_or_else(|| format!("host `{host}` has no address"))
+    let addrs = ordered_addresses(found);
+    if addrs.is_empty() {
+        return Err(format!("host `{host}` has no address"));
+    }
+    Ok(addrs)
 }
 
-/// The address used for a resolved name: the first IPv4 one when there is one (Envoy's
-/// `V4_PREFERRED`), else the first. The resolver lists `::1` before `127.0.0.1` for `localhost`
-/// where /etc/hosts maps both, and local model servers (vLLM, Ollama) usually listen on IPv4
-/// only.
-fn preferred_address(found: impl IntoIterator<Item = SocketAddr>) -> Option<SocketAddr> {
-    let mut first = None;
+/// A resolved name's addresses in the order connections try them: the IPv4 ones first (as
+/// Envoy's `V4_PREFERRED` prefers them), then the others, each family in the resolver's order,
+/// without duplicates. The resolver lists `::1` before `127.0.0.1` for `localhost` where
+/// /etc/hosts maps both, and local model servers (vLLM, Ollama) usually listen on IPv4 only; one
+/// listening on `::1` only is still reached, through the next address.
+fn ordered_addresses(found: impl IntoIterator<Item = SocketAddr>) -> Box<[SocketAddr]> {
+    let mut v4 = Vec::new();
+    let mut other = Vec::new();
     for a in found {
-        if a.is_ipv4() {
-            return Some(a);
+        let list = if a.is_ipv4() { &mut v4 } else { &mut other };
+        if !list.contains(&a) {
+            list.push(a);
         }
-        first = first.or(Some(a));
     }
-    first
+    v4.append(&mut other);
+    v4.into_boxed_slice()
 }
 
 /// Why an outbound proxy did not give us a connection.
@@ -201,17 +208,12 @@ async fn open_inner(
 ) -> Result<UpConn, ConnectError> {
     let proxy = egress.proxy(via);
     let tcp = match proxy {
-        Some(p) => tcp_connect(p.addr, client.tcp_keepalive)
+        Some(p) => tcp_connect_any(&p.addrs, client.tcp_keepalive)
             .await
             .map_err(|e| ConnectError::Proxy(ProxyFailure::Unreachable(e)))?,
         None => {
-            let Some(addr) = egress.upstream_addrs.get(uidx).copied().flatten() else {
-                return Err(ConnectError::Io(io::Error::new(
-                    io::ErrorKind::AddrNotAvailable,
-                    "upstream address not resolved",
-                )));
-            };
-            tcp_connect(addr, client.tcp_keepalive)
+            let addrs = egress.upstream_addrs.get(uidx).map_or(&[][..], |a| &a[..]);
+            tcp_connect_any(addrs, client.tcp_keepalive)
                 .await
                 .map_err(ConnectError::Io)?
         }
@@ -244,6 +246,30 @@ async fn open_inner(
             })
         }
     }
+}
+
+/// Connects to the first of a name's `addrs` that takes the connection, in order: one that fails
+/// (refused, unreachable) hands over to the next at once. The caller's connect timeout bounds
+/// them all together, so an address that never answers uses it up (there is no per-address
+/// share). The last address's error is returned.
+async fn tcp_connect_any(
+    addrs: &[SocketAddr],
+    keepalive: Option<Duration>,
+) -> io::Result<TcpStream> {
+    let mut last = None;
+    for (i, &addr) in addrs.iter().enumerate() {
+        match tcp_connect(addr, keepalive).await {
+            Ok(s) => return Ok(s),
+            Err(e) => {
+                if i + 1 < addrs.len() {
+                    tracing::debug!(%addr, error = %e, "connect failed; trying the next address");
+                }
+                last = Some(e);
+            }
+        }
+    }
+    Err(last
+        .unwrap_or_else(|| io::Error::new(io::ErrorKind::AddrNotAvailable, "address not resolved")))
 }
 
 async fn tcp_connect(addr: SocketAddr, keepalive: Option<Duration>) -> io::Result<TcpStream> {
@@ -331,17 +357,55 @@ mod tests {
 
 #[cfg(test)]
 mod resolve_tests {
-    use super::preferred_address;
+    use super::{ordered_addresses, tcp_connect_any};
     use std::net::SocketAddr;
 
     #[test]
-    fn ipv4_is_preferred_when_a_name_has_both_families() {
+    fn ipv4_comes_first_when_a_name_has_both_families() {
         let v6: SocketAddr = "[::1]:8000".parse().unwrap();
         let v4: SocketAddr = "127.0.0.1:8000".parse().unwrap();
+        let v4b: SocketAddr = "127.0.0.2:8000".parse().unwrap();
         let v6b: SocketAddr = "[2001:db8::1]:8000".parse().unwrap();
-        assert_eq!(preferred_address([v6, v4]), Some(v4));
-        assert_eq!(preferred_address([v4, v6]), Some(v4));
-        assert_eq!(preferred_address([v6, v6b]), Some(v6));
-        assert_eq!(preferred_address([]), None);
+        assert_eq!(&*ordered_addresses([v6, v4]), &[v4, v6]);
+        assert_eq!(&*ordered_addresses([v4, v6, v4]), &[v4, v6]);
+        assert_eq!(&*ordered_addresses([v6, v4b, v6b, v4]), &[v4b, v4, v6, v6b]);
+        assert!(ordered_addresses([]).is_empty());
+    }
+
+    /// Runs `f` on the epoll driver and, where the kernel has it, on io_uring.
+    fn on_both_drivers(f: impl Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>) {
+        monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .build()
+            .unwrap()
+            .block_on(f());
+        if let Ok(mut rt) = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new().build() {
+            rt.block_on(f());
+        }
+    }
+
+    /// A name's addresses are tried in order: one that refuses the connection (a server
+    /// listening on another family, a dead replica) passes the connection to the next.
+    #[test]
+    fn a_refused_address_passes_the_connection_to_the_next() {
+        let live = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let live_addr = live.local_addr().unwrap();
+        let dead_addr = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        on_both_drivers(|| {
+            Box::pin(async move {
+                let s = tcp_connect_any(&[dead_addr, live_addr], None)
+                    .await
+                    .expect("the second address accepts");
+                assert_eq!(s.peer_addr().unwrap(), live_addr);
+                let e = tcp_connect_any(&[dead_addr, dead_addr], None)
+                    .await
+                    .unwrap_err();
+                assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused);
+                let e = tcp_connect_any(&[], None).await.unwrap_err();
+                assert_eq!(e.kind(), std::io::ErrorKind::AddrNotAvailable);
+            })
+        });
     }
 }
