@@ -367,10 +367,9 @@ pub fn all(plan: &Plan, proxies: &[Kind]) -> Vec<Scenario> {
         Scenario {
             id: "d_idle_tls",
             title: format!("d-tls) memory: {} idle keep-alive HTTPS connections", plan.idle_conns),
-            description: format!(
-                "scenario d's idle connections over TLS (one full handshake each, then one small request); RSS above the \
-                 fresh proxy's baseline; afterwards every connection must answer a second request",
-            ),
+            description: "scenario d's idle connections over TLS (one full handshake each, then one small request); RSS above \
+                 the fresh proxy's baseline; afterwards every connection must answer a second request"
+                .into(),
             targets: only_proxies.clone(),
             secs: 6.0,
             same_core: false,

@@ -14,9 +14,9 @@
 //! first use and can be released: a connection idle between requests holds only the one it
 //! waits on.
 
-use std::future::{poll_fn, Future};
-use std::pin::{pin, Pin};
-use std::task::Poll;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use monoio::time::Sleep;
@@ -41,7 +41,9 @@ impl<const N: usize> Deadlines<N> {
     fn timer(&mut self, kind: usize) -> Pin<&mut Sleep> {
         let all = self.0.get_or_insert_with(|| {
             let far = Instant::now() + UNARMED;
-            Box::pin(std::array::from_fn(|_| monoio::time::sleep_until(far.into())))
+            Box::pin(std::array::from_fn(|_| {
+                monoio::time::sleep_until(far.into())
+            }))
         });
         // SAFETY: the array is pinned as a whole and its elements are never moved out of it;
         // projecting the pin to one element is structural pinning.
@@ -50,20 +52,10 @@ impl<const N: usize> Deadlines<N> {
 
     /// Runs `fut` until `at` with the timer of `kind`; `None` when the deadline came first (the
     /// future is then dropped, as `monoio::time::timeout` would). The future wins a tie.
-    pub async fn run<F: Future>(&mut self, kind: usize, at: Instant, fut: F) -> Option<F::Output> {
+    pub fn run<F: Future>(&mut self, kind: usize, at: Instant, fut: F) -> Timed<'_, F> {
         let mut timer = self.timer(kind);
         timer.as_mut().reset(at.into());
-        let mut fut = pin!(fut);
-        poll_fn(|cx| {
-            if let Poll::Ready(v) = fut.as_mut().poll(cx) {
-                return Poll::Ready(Some(v));
-            }
-            match timer.as_mut().poll(cx) {
-                Poll::Ready(()) => Poll::Ready(None),
-                Poll::Pending => Poll::Pending,
-            }
-        })
-        .await
+        Timed { timer, fut }
     }
 
     /// Waits until `at` on the timer of `kind`.
@@ -71,6 +63,29 @@ impl<const N: usize> Deadlines<N> {
         let mut timer = self.timer(kind);
         timer.as_mut().reset(at.into());
         timer.await
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A future under one of the [`Deadlines`]: `None` when the deadline came first. A named
+    /// future, not an `async fn`, so that the future it runs is stored once, not twice (rustc
+    /// keeps an `async fn`'s argument and the future it awaits in separate slots).
+    pub struct Timed<'a, F> {
+        timer: Pin<&'a mut Sleep>,
+        #[pin]
+        fut: F,
+    }
+}
+
+impl<F: Future> Future for Timed<'_, F> {
+    type Output = Option<F::Output>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if let Poll::Ready(v) = this.fut.poll(cx) {
+            return Poll::Ready(Some(v));
+        }
+        this.timer.as_mut().poll(cx).map(|()| None)
     }
 }
 

@@ -555,4 +555,3 @@ fn head_error_reply(e: &HeadError) -> ErrorReply {
         HeadError::Malformed(_) | HeadError::UnsupportedEncoding => errors::BAD_REQUEST,
     }
 }
-

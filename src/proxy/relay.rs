@@ -483,7 +483,9 @@ async fn attempt(
     let to_forward_proxy = via != 0 && upstream.tls.is_none();
     let mut conn = match ctx.pool.take(uidx, via, client.pool_idle_timeout) {
         Some(c) => c,
-        None => match connect(ctx, uidx, group_idx).await {
+        // Boxed: a new connection's future (TCP, CONNECT tunnel, TLS handshake, their timers)
+        // is 3.5 KiB, which would otherwise sit in every connection's frame for its lifetime.
+        None => match Box::pin(connect(ctx, uidx, group_idx)).await {
             Ok(c) => c,
             Err(f) => return failed(f, false),
         },

@@ -47,7 +47,7 @@ impl Spares {
 
     /// Buffers on the free list now.
     #[cfg(test)]
-    pub fn len(&self) -> usize {
+    fn len(&self) -> usize {
         self.bufs.borrow().len()
     }
 }
