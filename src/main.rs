@@ -2,6 +2,10 @@
 
 use clap::Parser;
 
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> std::process::ExitCode {
     llmproxy::app::run(llmproxy::cli::Cli::parse())
 }

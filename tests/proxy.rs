@@ -875,3 +875,44 @@ fn a_slow_upload_does_not_use_up_the_upstream_timeout() {
         "{errors:?}"
     );
 }
+
+#[test]
+fn an_idle_keep_alive_connection_serves_its_next_request_in_pieces_and_large() {
+    // After a few ms without a byte a connection gives its buffers back and waits on
+    // readiness; what the client sends next, however it is split, must still make a request.
+    let mock = Mock::start(&[]);
+    let proxy = Proxy::start(&echo_config(&mock, "", "", ""), &["--shards", "1"]);
+    let mut c = Client::connect(proxy.port);
+    assert_eq!(c.request("GET", "/echo/first", &[], b"").status, 200);
+    let req = b"GET /echo/idle?x=1 HTTP/1.1\r\nhost: t\r\nx-a: 1\r\n\r\n";
+    for split in [1, 5, req.len() - 1] {
+        std::thread::sleep(Duration::from_millis(50));
+        c.send(&req[..split]);
+        std::thread::sleep(Duration::from_millis(50));
+        c.send(&req[split..]);
+        let r = c.read_response("GET").expect("an answer");
+        assert_eq!(r.status, 200, "split at {split}: {}", r.text());
+        assert_eq!(r.json()["path"], "/echo/idle?x=1");
+        assert!(!r.closed);
+    }
+    // A head larger than the usual buffer after an idle wait.
+    std::thread::sleep(Duration::from_millis(50));
+    let big = "v".repeat(20_000);
+    let r = c.request("GET", "/echo/big", &[("x-big", &big)], b"");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let seen = r.json()["headers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h[0] == "x-big")
+        .map(|h| h[1].as_str().unwrap().len());
+    assert_eq!(seen, Some(20_000));
+    // Two pipelined requests after an idle wait: both answered, in order.
+    std::thread::sleep(Duration::from_millis(50));
+    c.send(b"GET /echo/one HTTP/1.1\r\nhost: t\r\n\r\nGET /echo/two HTTP/1.1\r\nhost: t\r\n\r\n");
+    for p in ["/echo/one", "/echo/two"] {
+        let r = c.read_response("GET").expect("an answer");
+        assert_eq!(r.json()["path"], p);
+        assert!(!r.closed);
+    }
+}

@@ -21,7 +21,8 @@
 //! * `--perf-record DIR`: `perf record` llmproxyd in each measured window (perf/flamegraph.sh);
 //! * bare words select scenarios whose id contains them (`cargo bench --bench proxy -- sse`).
 //!
-//! `LLMPROXY_BENCH_DRIVER=epoll|uring` is passed to llmproxyd as `--driver`.
+//! `LLMPROXY_BENCH_DRIVER=epoll|uring` is passed to llmproxyd as `--driver`;
+//! `LLMPROXY_BENCH_PROXYD=path` measures that llmproxyd binary instead of this tree's.
 //! Without `--bench` on the command line (`cargo test --benches`) it runs its self-checks only.
 
 mod client;

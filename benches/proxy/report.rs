@@ -460,6 +460,12 @@ pub fn tls_vs_plain(tls: &Value, plain: &Value) -> Value {
         "peak_rss_kib".into(),
         json!({"plain": plain["peak_rss_kib"], "tls": tls["peak_rss_kib"]}),
     );
+    if let (Some(a), Some(b)) = (f(&tls["kib_per"]), f(&plain["kib_per"])) {
+        m.insert(
+            "kib_per".into(),
+            json!({"plain": b, "tls": a, "added": r2(a - b)}),
+        );
+    }
     Value::Object(m)
 }
 
@@ -506,10 +512,20 @@ pub fn tls_cost(scen: &mut [Value]) -> Vec<String> {
             let v = tls_vs_plain(r, pr);
             let unit = r["rate"]["unit"].as_str().unwrap_or("");
             let work = r["work"]["unit"].as_str().unwrap_or("req");
-            let mut line = format!(
-                "    {t:<14} {unit} {:.2}x",
-                v["rate_ratio"].as_f64().unwrap_or(f64::NAN)
-            );
+            let mut line = format!("    {t:<14}");
+            if let Some(x) = v["rate_ratio"].as_f64() {
+                let _ = write!(line, " {unit} {x:.2}x");
+            }
+            let k = &v["kib_per"];
+            if let (Some(a), Some(b)) = (k["tls"].as_f64(), k["plain"].as_f64()) {
+                let what = r["held_what"].as_str().unwrap_or("connection");
+                let _ = write!(
+                    line,
+                    " RSS per {} {b:.2} -> {a:.2} KiB ({:+.2} KiB)",
+                    what.trim_end_matches('s'),
+                    a - b
+                );
+            }
             let c = &v["cpu_us"];
             if let (Some(a), Some(b)) = (c["tls"].as_f64(), c["plain"].as_f64()) {
                 let _ = write!(

@@ -365,6 +365,19 @@ pub fn all(plan: &Plan, proxies: &[Kind]) -> Vec<Scenario> {
             run: idle_run,
         },
         Scenario {
+            id: "d_idle_tls",
+            title: format!("d-tls) memory: {} idle keep-alive HTTPS connections", plan.idle_conns),
+            description: "scenario d's idle connections over TLS (one full handshake each, then one small request); RSS above \
+                 the fresh proxy's baseline; afterwards every connection must answer a second request"
+                .into(),
+            targets: only_proxies.clone(),
+            secs: 6.0,
+            same_core: false,
+            tls: true,
+            plain: Some("d_idle_conns"),
+            run: idle_run,
+        },
+        Scenario {
             id: "d_open_streams",
             title: format!("d) memory: {} open SSE streams", plan.open_streams),
             description: format!(

@@ -19,6 +19,9 @@ use crate::sys;
 use crate::tls::TlsSetup;
 
 const PROXY_BIN: &str = env!("CARGO_BIN_EXE_llmproxyd");
+/// Measure another llmproxyd build instead of this tree's (before/after comparisons in one
+/// session).
+const PROXY_BIN_ENV: &str = "LLMPROXY_BENCH_PROXYD";
 const MOCK_BIN: &str = env!("CARGO_BIN_EXE_llmproxy-mock");
 
 /// Which CPUs run what. On 2 cores the proxy under test gets CPU 0 and the mock and the load
@@ -299,7 +302,10 @@ impl Kind {
     /// The binary, if installed.
     pub fn binary(self) -> Option<PathBuf> {
         let name = match self {
-            Kind::Llmproxyd { .. } => return Some(PathBuf::from(PROXY_BIN)),
+            Kind::Llmproxyd { .. } => {
+                let bin = std::env::var_os(PROXY_BIN_ENV).unwrap_or_else(|| PROXY_BIN.into());
+                return Some(PathBuf::from(bin));
+            }
             Kind::Nginx => "nginx",
             Kind::Haproxy => "haproxy",
         };
@@ -425,7 +431,7 @@ upstream_groups:
                     ),
                 )
                 .map_err(|e| e.to_string())?;
-                cmd = Command::new(PROXY_BIN);
+                cmd = Command::new(kind.binary().ok_or("llmproxyd missing")?);
                 cmd.arg("-c")
                     .arg(&cfg)
                     .args(["--shards", &shards.to_string()]);

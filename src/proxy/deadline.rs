@@ -9,51 +9,53 @@
 //! re-arming is a comparison and a store, and a busy connection touches the wheel about once per
 //! timeout period per kind. A deadline that moves earlier (another route's shorter timeout) just
 //! takes the slow path of a wheel re-insert. Deadlines fire exactly when they did before.
+//!
+//! A monoio `Sleep` is 640 bytes (tokio's cache-line padding), so the timers are allocated on
+//! first use and can be released: a connection idle between requests holds only the one it
+//! waits on.
 
-use std::future::{poll_fn, Future};
-use std::pin::{pin, Pin};
-use std::task::Poll;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use monoio::time::Sleep;
 
-/// Timers for `N` kinds of deadline, pinned in one allocation per connection.
-pub struct Deadlines<const N: usize>(Pin<Box<[Sleep; N]>>);
+/// Timers for `N` kinds of deadline, pinned in one allocation per connection, made on first use.
+pub struct Deadlines<const N: usize>(Option<Pin<Box<[Sleep; N]>>>);
 
 /// Far enough that an unused timer never fires (monoio's own "far future" is 30 years).
 const UNARMED: Duration = Duration::from_secs(86_400 * 365 * 30);
 
 impl<const N: usize> Deadlines<N> {
-    /// Unarmed timers (they join the wheel when first used). Needs the shard's runtime.
-    pub fn new() -> Self {
-        let far = Instant::now() + UNARMED;
-        Deadlines(Box::pin(std::array::from_fn(|_| {
-            monoio::time::sleep_until(far.into())
-        })))
+    /// No timers yet: they are allocated (unarmed) when first used, on the shard's runtime.
+    pub const fn new() -> Self {
+        Deadlines(None)
+    }
+
+    /// Frees the timers (disarming them); the next use allocates them again.
+    pub fn release(&mut self) {
+        self.0 = None;
     }
 
     fn timer(&mut self, kind: usize) -> Pin<&mut Sleep> {
+        let all = self.0.get_or_insert_with(|| {
+            let far = Instant::now() + UNARMED;
+            Box::pin(std::array::from_fn(|_| {
+                monoio::time::sleep_until(far.into())
+            }))
+        });
         // SAFETY: the array is pinned as a whole and its elements are never moved out of it;
         // projecting the pin to one element is structural pinning.
-        unsafe { self.0.as_mut().map_unchecked_mut(|a| &mut a[kind]) }
+        unsafe { all.as_mut().map_unchecked_mut(|a| &mut a[kind]) }
     }
 
     /// Runs `fut` until `at` with the timer of `kind`; `None` when the deadline came first (the
     /// future is then dropped, as `monoio::time::timeout` would). The future wins a tie.
-    pub async fn run<F: Future>(&mut self, kind: usize, at: Instant, fut: F) -> Option<F::Output> {
+    pub fn run<F: Future>(&mut self, kind: usize, at: Instant, fut: F) -> Timed<'_, F> {
         let mut timer = self.timer(kind);
         timer.as_mut().reset(at.into());
-        let mut fut = pin!(fut);
-        poll_fn(|cx| {
-            if let Poll::Ready(v) = fut.as_mut().poll(cx) {
-                return Poll::Ready(Some(v));
-            }
-            match timer.as_mut().poll(cx) {
-                Poll::Ready(()) => Poll::Ready(None),
-                Poll::Pending => Poll::Pending,
-            }
-        })
-        .await
+        Timed { timer, fut }
     }
 
     /// Waits until `at` on the timer of `kind`.
@@ -61,6 +63,29 @@ impl<const N: usize> Deadlines<N> {
         let mut timer = self.timer(kind);
         timer.as_mut().reset(at.into());
         timer.await
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A future under one of the [`Deadlines`]: `None` when the deadline came first. A named
+    /// future, not an `async fn`, so that the future it runs is stored once, not twice (rustc
+    /// keeps an `async fn`'s argument and the future it awaits in separate slots).
+    pub struct Timed<'a, F> {
+        timer: Pin<&'a mut Sleep>,
+        #[pin]
+        fut: F,
+    }
+}
+
+impl<F: Future> Future for Timed<'_, F> {
+    type Output = Option<F::Output>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if let Poll::Ready(v) = this.fut.poll(cx) {
+            return Poll::Ready(Some(v));
+        }
+        this.timer.as_mut().poll(cx).map(|()| None)
     }
 }
 

@@ -7,6 +7,9 @@ mod deadline;
 mod relay;
 mod response;
 mod send;
+mod spare;
+
+pub use spare::Spares;
 
 use std::io;
 use std::mem;
@@ -75,8 +78,17 @@ pub enum Sent {
     Head(u16),
 }
 
-/// Initial read buffer per downstream connection.
+/// Read and write buffers of a downstream connection (taken from the shard's [`Spares`]).
 const CLIENT_BUF: usize = 8 * 1024;
+
+/// How long a connection waits for its next request with its buffers and its request state in
+/// hand. A client that sends again sooner (a busy keep-alive client) pays nothing for idling;
+/// after that the connection gives its buffers back, frees its request state, and waits for
+/// readability (plain TCP) or with a small read (TLS): a read more when the request comes.
+const SHED_AFTER: Duration = Duration::from_millis(5);
+
+/// Read buffer of an idle TLS connection's wait (rustls keeps the rest of the next request).
+const IDLE_TLS_BUF: usize = 512;
 
 /// Status recorded for a request whose client went away before the answer ended (nginx's 499).
 pub const CLIENT_CLOSED: u16 = 499;
@@ -92,8 +104,11 @@ pub struct Downstream {
 pub struct ClientIn {
     pub r: OwnedReadHalf<InboundConn>,
     pub rbuf: BytesMut,
-    /// Deadlines of reads from the client: [`IN_IDLE`], [`IN_HEAD`], [`IN_WATCH`].
-    pub timers: Deadlines<3>,
+    /// Deadlines of reads from the client during requests: [`IN_HEAD`], [`IN_WATCH`] (released
+    /// while the connection idles).
+    pub timers: Deadlines<2>,
+    /// The wait for the next request ([`IN_IDLE`]), the one timer an idle connection keeps.
+    idle: Deadlines<1>,
     /// Cancels the idle read between requests (on timeout or drain); kept across requests so
     /// that waiting costs no allocation.
     idle_cancel: Canceller,
@@ -101,12 +116,13 @@ pub struct ClientIn {
     pub watch_cancel: Canceller,
 }
 
-/// Waiting for the next request (keep-alive idle or the first request's header timeout).
+/// Waiting for the next request (keep-alive idle or the first request's header timeout), in
+/// [`ClientIn::idle`].
 const IN_IDLE: usize = 0;
 /// Reading a head or a body (the header timeout).
-const IN_HEAD: usize = 1;
+const IN_HEAD: usize = 0;
 /// When an exchange starts watching the client for a disconnect.
-pub const IN_WATCH: usize = 2;
+pub const IN_WATCH: usize = 1;
 
 /// Writing to the client.
 pub const OUT_WRITE: usize = 0;
@@ -145,26 +161,47 @@ pub enum ReadOutcome {
 }
 
 impl Downstream {
-    fn new(stream: InboundConn, peer: SocketAddr) -> Self {
+    fn new(stream: InboundConn, peer: SocketAddr, spares: &Spares) -> Self {
         let (r, w) = stream.into_split();
         Downstream {
             inp: ClientIn {
                 r,
-                rbuf: BytesMut::with_capacity(CLIENT_BUF),
+                rbuf: spares.take(),
                 timers: Deadlines::new(),
+                idle: Deadlines::new(),
                 idle_cancel: Canceller::new(),
                 watch_cancel: Canceller::new(),
             },
             out: ClientOut {
                 w,
-                wbuf: BytesMut::with_capacity(CLIENT_BUF),
-                ubuf: BytesMut::with_capacity(CLIENT_BUF),
+                wbuf: spares.take(),
+                ubuf: spares.take(),
                 peer_ip: peer.ip().to_string().into(),
                 peer_addr: peer.ip(),
                 linger: false,
                 timers: Deadlines::new(),
             },
         }
+    }
+
+    /// The connection goes idle: its buffers go back to the shard and the timers only requests
+    /// use are freed. Nothing is buffered (`rbuf` is empty between requests).
+    fn shed(&mut self, spares: &Spares) {
+        debug_assert!(self.inp.rbuf.is_empty());
+        spares.put(mem::take(&mut self.inp.rbuf));
+        spares.put(mem::take(&mut self.out.wbuf));
+        spares.put(mem::take(&mut self.out.ubuf));
+        self.inp.timers.release();
+        self.out.timers.release();
+    }
+
+    /// A request is coming after [`shed`](Self::shed): buffers again, `first` holding what the
+    /// idle wait read.
+    fn equip(&mut self, spares: &Spares, first: &[u8]) {
+        self.inp.rbuf = spares.take();
+        self.inp.rbuf.extend_from_slice(first);
+        self.out.wbuf = spares.take();
+        self.out.ubuf = spares.take();
     }
 }
 
@@ -247,37 +284,92 @@ pub enum After {
 }
 
 /// Serves one downstream connection until it closes, errs, idles out or the shard drains.
+///
+/// This task's own state is small: what an idle connection needs. Serving requests (reading
+/// heads, the exchanges) runs in a frame of its own ([`serve_requests`], boxed), allocated when
+/// requests start coming and freed when the connection has idled for [`SHED_AFTER`]; so are the
+/// TLS handshake and the close.
 pub async fn serve_conn(ctx: Rc<ShardCtx>, fwd: usize, stream: TcpStream, peer: SocketAddr) {
     let _ = stream.set_nodelay(true);
     ctx.active.set(ctx.active.get() + 1);
-    let forward = &ctx.config.forwards[fwd];
     let stream = match &ctx.acceptors[fwd] {
         None => InboundConn::Plain(stream),
-        Some(acceptor) => {
-            // The handshake is part of delivering the first request head.
-            let hs = InboundConn::accept_tls(acceptor, stream);
-            match monoio::time::timeout(forward.header_timeout, hs).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    tracing::debug!(forward = %forward.name, peer = %peer, error = %e, "TLS handshake with a client failed");
-                    ctx.active.set(ctx.active.get() - 1);
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!(forward = %forward.name, peer = %peer, "TLS handshake with a client timed out");
-                    ctx.active.set(ctx.active.get() - 1);
-                    return;
-                }
+        Some(acceptor) => match Box::pin(handshake(&ctx, fwd, acceptor, stream, peer)).await {
+            Some(s) => s,
+            None => {
+                ctx.active.set(ctx.active.get() - 1);
+                return;
             }
-        }
+        },
     };
-    let mut d = Downstream::new(stream, peer);
-    let mut scanner = HeadScanner::default();
-    let mut first = true;
+    let mut d = Downstream::new(stream, peer, &ctx.spares);
+    let mut conn = ConnState {
+        scanner: HeadScanner::default(),
+        first: true,
+        idle_at: None,
+    };
     loop {
-        let req = match read_request(&ctx, fwd, &mut d, &mut scanner, first).await {
-            Ok(Some(r)) => r,
-            Ok(None) => break,
+        let Some(idle_at) = Box::pin(serve_requests(&ctx, fwd, &mut d, &mut conn)).await else {
+            break;
+        };
+        d.shed(&ctx.spares);
+        match wait_idle(&ctx, &mut d, idle_at).await {
+            Some(got) => d.equip(&ctx.spares, &got),
+            None => break,
+        }
+        conn.idle_at = Some(idle_at);
+    }
+    Box::pin(close(&mut d)).await;
+    ctx.active.set(ctx.active.get() - 1);
+}
+
+/// What a connection carries from one request to the next.
+struct ConnState {
+    scanner: HeadScanner,
+    /// No request yet (the wait for it is the header timeout, not the idle timeout).
+    first: bool,
+    /// The idle deadline of a wait already begun (resumed after an idle connection woke up).
+    idle_at: Option<Instant>,
+}
+
+/// The TLS handshake with a client, within the header timeout (part of delivering the first
+/// request head).
+async fn handshake(
+    ctx: &ShardCtx,
+    fwd: usize,
+    acceptor: &monoio_rustls::TlsAcceptor,
+    stream: TcpStream,
+    peer: SocketAddr,
+) -> Option<InboundConn> {
+    let forward = &ctx.config.forwards[fwd];
+    let hs = InboundConn::accept_tls(acceptor, stream);
+    match monoio::time::timeout(forward.header_timeout, hs).await {
+        Ok(Ok(s)) => Some(s),
+        Ok(Err(e)) => {
+            tracing::debug!(forward = %forward.name, peer = %peer, error = %e, "TLS handshake with a client failed");
+            None
+        }
+        Err(_) => {
+            tracing::debug!(forward = %forward.name, peer = %peer, "TLS handshake with a client timed out");
+            None
+        }
+    }
+}
+
+/// Serves requests as they come. `Some(idle deadline)`: the client has sent nothing for
+/// [`SHED_AFTER`] (nothing is buffered); `None`: the connection ends.
+async fn serve_requests(
+    ctx: &ShardCtx,
+    fwd: usize,
+    d: &mut Downstream,
+    conn: &mut ConnState,
+) -> Option<Instant> {
+    let forward = &ctx.config.forwards[fwd];
+    loop {
+        let req = match read_request(ctx, fwd, d, conn).await {
+            Ok(Next::Request(r)) => r,
+            Ok(Next::Idle(at)) => return Some(at),
+            Ok(Next::Close) => return None,
             Err(reply) => {
                 ctx.stats.http_error(fwd, reply.code, reply.status.as_u16());
                 ctx.stats.http_request(
@@ -288,74 +380,83 @@ pub async fn serve_conn(ctx: Rc<ShardCtx>, fwd: usize, stream: TcpStream, peer: 
                     Duration::ZERO,
                 );
                 d.out.reply_error(&reply, false, forward.idle_timeout).await;
-                break;
+                return None;
             }
         };
-        first = false;
-        if relay::exchange(&ctx, fwd, &mut d, req).await == After::Close || ctx.drain.fired() {
-            break;
+        conn.first = false;
+        if relay::exchange(ctx, fwd, d, req).await == After::Close || ctx.drain.fired() {
+            return None;
         }
     }
-    // A graceful close: the client sees FIN after the last response byte.
+}
+
+/// Ends the connection: FIN (TLS: close_notify first) after the last response byte, then, after
+/// an error reply, reads what the client still sends.
+async fn close(d: &mut Downstream) {
     let _ = d.out.w.shutdown().await;
     if d.out.linger {
         linger(&mut d.inp).await;
     }
-    ctx.active.set(ctx.active.get() - 1);
 }
 
-/// Waits for the next request head. `Ok(None)`: the connection ends quietly (client closed,
-/// keep-alive idle timeout, or drain while idle).
+/// What [`read_request`] found.
+enum Next {
+    Request(Request),
+    /// Nothing came for [`SHED_AFTER`]; the wait goes on (without buffers) until this deadline.
+    Idle(Instant),
+    /// The connection ends quietly (client closed, idle timeout, or drain while idle).
+    Close,
+}
+
+/// How a wait for the client's first bytes was stopped.
+enum Stop {
+    /// [`SHED_AFTER`] passed, the idle deadline has not.
+    Shed,
+    /// The idle deadline passed or the shard drains.
+    End,
+}
+
+/// `ECANCELED`: what a cancelled read returns (plain TCP and TLS alike, see `tls::stream`).
+fn is_cancelled(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(125)
+}
+
+/// Waits for the next request head.
 async fn read_request(
     ctx: &ShardCtx,
     fwd: usize,
     d: &mut Downstream,
-    scanner: &mut HeadScanner,
-    first: bool,
-) -> Result<Option<Request>, ErrorReply> {
+    conn: &mut ConnState,
+) -> Result<Next, ErrorReply> {
     let forward = &ctx.config.forwards[fwd];
     if d.inp.rbuf.is_empty() {
         // Idle between requests: wait for the first byte, interruptibly, without losing it.
-        let idle = if first {
-            forward.header_timeout
-        } else {
-            forward.idle_timeout
-        };
-        if ctx.drain.fired() && !first {
-            return Ok(None);
+        if ctx.drain.fired() && !conn.first {
+            return Ok(Next::Close);
         }
-        reserve(&mut d.inp.rbuf, CLIENT_BUF);
-        let read = cancelable_read_append(
-            &mut d.inp.r,
-            mem::take(&mut d.inp.rbuf),
-            d.inp.idle_cancel.handle(),
-        );
-        let mut read = pin!(read);
-        let idle_at = Instant::now() + idle;
-        let idle_timer = &mut d.inp.timers;
-        let stop = pin!(async {
-            monoio::select! {
-                _ = idle_timer.sleep_until(IN_IDLE, idle_at) => {},
-                _ = ctx.drain.wait() => {},
+        let now = Instant::now();
+        let idle_at = conn.idle_at.take().unwrap_or_else(|| {
+            now + if conn.first {
+                forward.header_timeout
+            } else {
+                forward.idle_timeout
             }
         });
-        let (res, buf) = match race(read.as_mut(), stop).await {
-            Either::Left(r) => r,
-            Either::Right(()) => {
-                d.inp.idle_cancel = mem::take(&mut d.inp.idle_cancel).cancel();
-                read.await
-            }
-        };
+        let shed_at = (now + SHED_AFTER).min(idle_at);
+        reserve(&mut d.inp.rbuf, CLIENT_BUF);
+        let buf = mem::take(&mut d.inp.rbuf);
+        let (res, buf, stop) = wait_read(ctx, &mut d.inp, buf, shed_at, shed_at < idle_at).await;
         d.inp.rbuf = buf;
-        match res {
-            Ok(n) if n > 0 => {}
-            _ => return Ok(None),
+        match (res, stop) {
+            (Ok(n), _) if n > 0 => {}
+            (Err(e), Some(Stop::Shed)) if is_cancelled(&e) => return Ok(Next::Idle(idle_at)),
+            _ => return Ok(Next::Close),
         }
     }
     let deadline = Instant::now() + forward.header_timeout;
     loop {
-        match head::take_request(&mut d.inp.rbuf, scanner, forward.max_head_bytes) {
-            Ok(Some(r)) => return Ok(Some(r)),
+        match head::take_request(&mut d.inp.rbuf, &mut conn.scanner, forward.max_head_bytes) {
+            Ok(Some(r)) => return Ok(Next::Request(r)),
             Ok(None) => {}
             Err(e) => return Err(head_error_reply(&e)),
         }
@@ -363,8 +464,73 @@ async fn read_request(
             ReadOutcome::Data => {}
             ReadOutcome::Timeout => return Err(errors::HEAD_TIMEOUT),
             // A client that leaves mid-head gets nothing: there is nobody to answer.
-            ReadOutcome::Eof | ReadOutcome::Error(_) => return Ok(None),
+            ReadOutcome::Eof | ReadOutcome::Error(_) => return Ok(Next::Close),
         }
+    }
+}
+
+/// Reads the client into `buf` until bytes come or the wait is stopped at `until` (by the idle
+/// timer: [`Stop::Shed`] when `shed`, else [`Stop::End`]) or by the drain; a stopped read is
+/// cancelled, and bytes that arrived meanwhile are kept. Returns the read's result, the buffer,
+/// and what stopped it, if anything did.
+async fn wait_read(
+    ctx: &ShardCtx,
+    inp: &mut ClientIn,
+    buf: BytesMut,
+    until: Instant,
+    shed: bool,
+) -> (io::Result<usize>, BytesMut, Option<Stop>) {
+    let read = cancelable_read_append(&mut inp.r, buf, inp.idle_cancel.handle());
+    let mut read = pin!(read);
+    let idle_timer = &mut inp.idle;
+    let stop = pin!(async {
+        monoio::select! {
+            _ = idle_timer.sleep_until(IN_IDLE, until) => if shed { Stop::Shed } else { Stop::End },
+            _ = ctx.drain.wait() => Stop::End,
+        }
+    });
+    match race(read.as_mut(), stop).await {
+        Either::Left((res, buf)) => (res, buf, None),
+        Either::Right(why) => {
+            inp.idle_cancel = mem::take(&mut inp.idle_cancel).cancel();
+            let (res, buf) = read.await;
+            (res, buf, Some(why))
+        }
+    }
+}
+
+/// The idle wait after [`shed`](Downstream::shed), holding no buffer: until the client's socket
+/// is readable (plain TCP; a poll, no read) or a small read returns (TLS: rustls may hold
+/// decrypted bytes a poll of the socket would not see). `Some(bytes read)`, or `None` when the
+/// connection ends (idle deadline, drain, client gone).
+async fn wait_idle(ctx: &ShardCtx, d: &mut Downstream, idle_at: Instant) -> Option<BytesMut> {
+    if ctx.drain.fired() {
+        return None;
+    }
+    // SAFETY: both halves of the stream belong to this task, which uses neither while the wait
+    // lasts (no write is in flight between requests); the reference lives no longer than this
+    // borrow of the read half.
+    let tcp = unsafe { (*d.inp.r.0.get()).as_plain() };
+    let Some(tcp) = tcp else {
+        let buf = BytesMut::with_capacity(IDLE_TLS_BUF);
+        let (res, buf, _) = Box::pin(wait_read(ctx, &mut d.inp, buf, idle_at, false)).await;
+        return match res {
+            Ok(n) if n > 0 => Some(buf),
+            _ => None,
+        };
+    };
+    let ready = pin!(tcp.readable(false));
+    let idle_timer = &mut d.inp.idle;
+    let stop = pin!(async {
+        monoio::select! {
+            _ = idle_timer.sleep_until(IN_IDLE, idle_at) => {},
+            _ = ctx.drain.wait() => {},
+        }
+    });
+    // A readiness wait that loses the race is dropped, which cancels its poll.
+    match race(ready, stop).await {
+        Either::Left(Ok(())) => Some(BytesMut::new()),
+        Either::Left(Err(_)) | Either::Right(()) => None,
     }
 }
 

@@ -483,12 +483,19 @@ async fn attempt(
     let to_forward_proxy = via != 0 && upstream.tls.is_none();
     let mut conn = match ctx.pool.take(uidx, via, client.pool_idle_timeout) {
         Some(c) => c,
-        None => match connect(ctx, uidx, group_idx).await {
+        // Boxed: a new connection's future (TCP, CONNECT tunnel, TLS handshake, their timers)
+        // is 3.5 KiB, which would otherwise sit in every connection's frame for its lifetime.
+        None => match Box::pin(connect(ctx, uidx, group_idx)).await {
             Ok(c) => c,
             Err(f) => return failed(f, false),
         },
     };
-    d.out.ubuf.clear();
+    if d.out.ubuf.capacity() == 0 {
+        // Given back while an earlier answer streamed.
+        d.out.ubuf = ctx.spares.take();
+    } else {
+        d.out.ubuf.clear();
+    }
     let peer_ip = d.out.peer_ip.clone();
     let outgoing = Outgoing {
         upstream,

@@ -132,6 +132,11 @@ pub async fn relay_response<W: Future<Output = BufResult<usize, BytesMut>>>(
         req.method == Method::HEAD,
         req.version,
     );
+    if streamed {
+        // The request is sent and no other attempt can follow a relayed head: a stream that may
+        // stay open for minutes gives the upstream write buffer back to the shard meanwhile.
+        ctx.spares.put(std::mem::take(&mut out.ubuf));
+    }
     let head_sent = Sent::Head(status);
     let mut dec = BodyDecoder::new(resp.framing);
     let reencode = body_out == BodyOut::Chunked;

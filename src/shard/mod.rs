@@ -71,6 +71,8 @@ pub struct ShardCtx {
     pub active: Cell<usize>,
     /// Per forward: its TLS acceptor (a handle on the config built at load) when it speaks HTTPS.
     pub acceptors: Vec<Option<monoio_rustls::TlsAcceptor>>,
+    /// Client buffers of connections that are not idle, lent from here.
+    pub spares: crate::proxy::Spares,
 }
 
 impl ShardCtx {
@@ -128,6 +130,7 @@ impl ShardCtx {
                         .map(|t| monoio_rustls::TlsAcceptor::from(t.config.clone()))
                 })
                 .collect(),
+            spares: crate::proxy::Spares::default(),
             config,
         }
     }
