@@ -7,6 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v cargo >/dev/null || { echo "cargo not found: install Rust (https://rustup.rs)"; exit 1; }
 command -v curl >/dev/null || { command -v apt-get >/dev/null && (apt-get update -qq && apt-get install -y -qq curl) >/dev/null; }
+# jemalloc (the default allocator) is built from C sources: it needs make and a C compiler.
+command -v make >/dev/null && command -v cc >/dev/null || { command -v apt-get >/dev/null && (apt-get update -qq && apt-get install -y -qq make gcc) >/dev/null; }
 cargo build --release --locked --bins
 ./target/release/llmproxy-mock --listen 127.0.0.1:8001 --ttft-ms 100 --gap-ms 50 --tokens 12 > /tmp/llmproxy-mock.log 2>&1 &
 MOCK=$!
