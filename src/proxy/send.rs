@@ -122,7 +122,16 @@ pub async fn connect(ctx: &ShardCtx, uidx: usize, group_idx: usize) -> Result<Up
     let group = &ctx.config.groups[group_idx];
     let upstream = &ctx.config.upstreams[uidx];
     let via = ctx.egress.group_via[group_idx];
-    let err = match open(&ctx.egress, uidx, upstream, via, &group.client).await {
+    let err = match open(
+        &ctx.egress,
+        uidx,
+        upstream,
+        via,
+        &group.client,
+        ctx.connectors[uidx].as_ref(),
+    )
+    .await
+    {
         Ok(c) => return Ok(c),
         Err(e) => e,
     };

@@ -69,8 +69,11 @@ pub struct ShardCtx {
     pub drain: DrainSignal,
     /// Open downstream connections.
     pub active: Cell<usize>,
-    /// Per forward: its TLS acceptor (a handle on the config built at load) when it speaks HTTPS.
+    /// Per forward: its TLS acceptor when it speaks HTTPS (this shard's copy of the config built
+    /// at load, with a session cache of its own).
     pub acceptors: Vec<Option<monoio_rustls::TlsAcceptor>>,
+    /// Per upstream: its TLS connector when it is HTTPS (likewise this shard's own copy).
+    pub connectors: Vec<Option<monoio_rustls::TlsConnector>>,
     /// Client buffers of connections that are not idle, lent from here.
     pub spares: crate::proxy::Spares,
 }
@@ -127,7 +130,16 @@ impl ShardCtx {
                 .map(|f| {
                     f.tls
                         .as_ref()
-                        .map(|t| monoio_rustls::TlsAcceptor::from(t.config.clone()))
+                        .map(|t| crate::tls::shard_server_config(&t.config).into())
+                })
+                .collect(),
+            connectors: config
+                .upstreams
+                .iter()
+                .map(|u| {
+                    u.tls
+                        .as_ref()
+                        .map(|t| crate::tls::shard_client_config(&t.config).into())
                 })
                 .collect(),
             spares: crate::proxy::Spares::default(),

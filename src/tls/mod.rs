@@ -21,6 +21,27 @@ use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, S
 /// The only application protocol spoken on either side.
 const ALPN_HTTP11: &[u8] = b"http/1.1";
 
+/// Sessions each shard remembers for resumption, per listener and per upstream (rustls's
+/// default size).
+const SESSION_CACHE: usize = 256;
+
+/// A shard's own copy of a listener config. rustls keeps its session cache behind a mutex; with
+/// one cache per shard that mutex is only ever taken by one thread, so a handshake never waits
+/// for another shard's. (A client resuming on another shard gets a full handshake.)
+pub fn shard_server_config(shared: &Arc<ServerConfig>) -> Arc<ServerConfig> {
+    let mut c = (**shared).clone();
+    c.session_storage = rustls::server::ServerSessionMemoryCache::new(SESSION_CACHE);
+    Arc::new(c)
+}
+
+/// A shard's own copy of an upstream config, with its own resumption store (see
+/// [`shard_server_config`]).
+pub fn shard_client_config(shared: &Arc<ClientConfig>) -> Arc<ClientConfig> {
+    let mut c = (**shared).clone();
+    c.resumption = rustls::client::Resumption::in_memory_sessions(SESSION_CACHE);
+    Arc::new(c)
+}
+
 /// The crypto provider for every config (ring).
 pub fn provider() -> Arc<CryptoProvider> {
     static P: OnceLock<Arc<CryptoProvider>> = OnceLock::new();

@@ -492,6 +492,26 @@ mod tests {
         (Arc::new(server), Arc::new(client))
     }
 
+    #[test]
+    fn each_shard_gets_its_own_session_cache() {
+        let (server, _) = configs();
+        let (a, b) = (
+            crate::tls::shard_server_config(&server),
+            crate::tls::shard_server_config(&server),
+        );
+        assert!(a.session_storage.put(b"id".to_vec(), b"session".to_vec()));
+        assert_eq!(
+            a.session_storage.get(b"id").as_deref(),
+            Some(&b"session"[..])
+        );
+        assert!(
+            b.session_storage.get(b"id").is_none(),
+            "shards share no cache"
+        );
+        assert!(server.session_storage.get(b"id").is_none());
+        assert_eq!(a.alpn_protocols, server.alpn_protocols);
+    }
+
     /// Runs `f` on both drivers.
     fn on_both_drivers<F: Future<Output = ()>>(f: impl Fn() -> F) {
         monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()

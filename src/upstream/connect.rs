@@ -184,16 +184,19 @@ pub enum ConnectError {
 }
 
 /// Opens a connection to upstream `up` the way `via` says, within `client.connect_timeout`.
+/// An HTTPS upstream is reached with `connector` (the shard's), or one made from the shared
+/// config when there is none.
 pub async fn open(
     egress: &Egress,
     uidx: usize,
     up: &Upstream,
     via: usize,
     client: &HttpClient,
+    connector: Option<&monoio_rustls::TlsConnector>,
 ) -> Result<UpConn, ConnectError> {
     monoio::time::timeout(
         client.connect_timeout,
-        open_inner(egress, uidx, up, via, client),
+        open_inner(egress, uidx, up, via, client, connector),
     )
     .await
     .unwrap_or(Err(ConnectError::Timeout))
@@ -205,6 +208,7 @@ async fn open_inner(
     up: &Upstream,
     via: usize,
     client: &HttpClient,
+    connector: Option<&monoio_rustls::TlsConnector>,
 ) -> Result<UpConn, ConnectError> {
     let proxy = egress.proxy(via);
     let tcp = match proxy {
@@ -227,8 +231,15 @@ async fn open_inner(
             .await
             .map_err(ConnectError::Proxy)?;
     }
-    let connector = monoio_rustls::TlsConnector::from(tls.config.clone());
-    match OutboundConn::connect_tls(&connector, tls.server_name.clone(), tcp).await {
+    let shared;
+    let connector = match connector {
+        Some(c) => c,
+        None => {
+            shared = monoio_rustls::TlsConnector::from(tls.config.clone());
+            &shared
+        }
+    };
+    match OutboundConn::connect_tls(connector, tls.server_name.clone(), tcp).await {
         Ok(c) => Ok(UpConn::new(c)),
         Err(e) => {
             let e = io::Error::from(e);
