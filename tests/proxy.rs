@@ -10,7 +10,18 @@ use common::*;
 
 /// A config whose upstream base path is `base` (the mock answers `/echo*` at its root).
 fn echo_config(mock: &Mock, base: &str, upstream_extra: &str, group_extra: &str) -> String {
-    config(mock.port(), "", upstream_extra, group_extra).replace(
+    echo_config_with(mock, base, "", upstream_extra, group_extra)
+}
+
+/// [`echo_config`] with YAML lines added to the forward too.
+fn echo_config_with(
+    mock: &Mock,
+    base: &str,
+    forward_extra: &str,
+    upstream_extra: &str,
+    group_extra: &str,
+) -> String {
+    config(mock.port(), forward_extra, upstream_extra, group_extra).replace(
         &format!("url: http://127.0.0.1:{}/v1", mock.port()),
         &format!("url: http://127.0.0.1:{}{base}", mock.port()),
     )
@@ -915,4 +926,33 @@ fn an_idle_keep_alive_connection_serves_its_next_request_in_pieces_and_large() {
         assert_eq!(r.json()["path"], p);
         assert!(!r.closed);
     }
+}
+
+#[test]
+fn keep_alive_idle_timeout_closes_an_idle_connection_and_restarts_with_each_request() {
+    // `forwards[].timeout.idle: 1`: an idle client connection (its buffers long given back)
+    // is closed after about a second of silence, counted from its last answer.
+    let mock = Mock::start(&[]);
+    let fwd = "      timeout:\n        idle: 1";
+    let proxy = Proxy::start(
+        &echo_config_with(&mock, "", fwd, "", ""),
+        &["--shards", "1"],
+    );
+    let mut c = Client::connect(proxy.port);
+    assert_eq!(c.request("GET", "/echo/a", &[], b"").status, 200);
+    // Requests 600 ms apart: each restarts the idle clock, so the connection stays.
+    for _ in 0..2 {
+        std::thread::sleep(Duration::from_millis(600));
+        let r = c.request("GET", "/echo/b", &[], b"");
+        assert_eq!(r.status, 200);
+        assert!(!r.closed);
+    }
+    let quiet = std::time::Instant::now();
+    assert!(
+        !c.is_closed(Duration::from_millis(700)),
+        "closed before the idle timeout"
+    );
+    assert!(c.is_closed(Duration::from_secs(3)), "never closed");
+    let waited = quiet.elapsed();
+    assert!(waited >= Duration::from_millis(900), "{waited:?}");
 }
