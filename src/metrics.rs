@@ -3,6 +3,15 @@
 
 /// The `error` label (and OpenAI `code`) of a request refused by a forward's rate limit.
 pub const RATE_LIMITED: &str = "rate_limited";
+/// A client's TLS handshake on an HTTPS listener failed (bad record, unsupported version,
+/// plain HTTP to the port) or did not finish within the header timeout. Recorded like a
+/// request error (status 0: nothing was answered), exported as its own family.
+pub const TLS_HANDSHAKE_FAILED: &str = "tls_handshake_failed";
+pub const TLS_HANDSHAKE_TIMEOUT: &str = "tls_handshake_timeout";
+
+fn is_handshake_error(error: &str) -> bool {
+    error == TLS_HANDSHAKE_FAILED || error == TLS_HANDSHAKE_TIMEOUT
+}
 
 use std::fmt::Write;
 use std::sync::Arc;
@@ -68,6 +77,9 @@ pub fn render(merged: &Merged, config: &Config) -> String {
         "counter",
     );
     for ((f, error, status), n) in &merged.http_errors {
+        if is_handshake_error(error) {
+            continue;
+        }
         let status = status.to_string();
         let labels = [
             ("forward", forward(*f)),
@@ -171,6 +183,25 @@ pub fn render(merged: &Merged, config: &Config) -> String {
             None,
             n,
         );
+    }
+
+    family(
+        &mut out,
+        "llmproxy_tls_handshake_errors_total",
+        "Client TLS handshakes on HTTPS listeners that failed or timed out, by forward.",
+        "counter",
+    );
+    for ((f, error, _), n) in &merged.http_errors {
+        if is_handshake_error(error) {
+            let labels = [("forward", forward(*f)), ("error", error)];
+            sample(
+                &mut out,
+                "llmproxy_tls_handshake_errors_total",
+                &labels,
+                None,
+                *n,
+            );
+        }
     }
 
     breaker_families(&mut out, merged, config);

@@ -121,6 +121,26 @@ fn https_listener_to_https_upstream() {
     assert!(plain.read_response("GET").is_none());
     let r = chat(&mut Client::connect_tls(proxy.port, pki.client_config()));
     assert_eq!(r.status, 200, "{}", r.text());
+    // That failed handshake is counted; a connection closed before its hello (a TCP health
+    // check) is not, and neither is a request error.
+    drop(Client::connect(proxy.port));
+    let line = r#"llmproxy_tls_handshake_errors_total{forward="f",error="tls_handshake_failed"} 1"#;
+    let counted = eventually(Duration::from_secs(3), || {
+        proxy
+            .admin_get("/metrics")
+            .text()
+            .lines()
+            .any(|l| l == line)
+    });
+    let metrics = proxy.admin_get("/metrics").text();
+    assert!(counted, "{metrics}");
+    std::thread::sleep(Duration::from_millis(300));
+    let metrics = proxy.admin_get("/metrics").text();
+    assert!(metrics.lines().any(|l| l == line), "{metrics}");
+    assert!(
+        !metrics.contains("error=\"tls_handshake_failed\",status"),
+        "{metrics}"
+    );
     // The proxy's own error replies go out over TLS too (then a lingering close).
     let mut bad = Client::connect_tls(proxy.port, pki.client_config());
     bad.send(b"GET / HTTP/1.1\r\nhost: a\r\nhost: b\r\n\r\n");

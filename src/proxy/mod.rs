@@ -347,10 +347,18 @@ async fn handshake(
         Ok(Ok(s)) => Some(s),
         Ok(Err(e)) => {
             tracing::debug!(forward = %forward.name, peer = %peer, error = %e, "TLS handshake with a client failed");
+            // A connection closed before or during the hello (a TCP health check, a port
+            // scan) is not a failed handshake.
+            if e.kind() != io::ErrorKind::UnexpectedEof {
+                ctx.stats
+                    .http_error(fwd, crate::metrics::TLS_HANDSHAKE_FAILED, 0);
+            }
             None
         }
         Err(_) => {
             tracing::debug!(forward = %forward.name, peer = %peer, "TLS handshake with a client timed out");
+            ctx.stats
+                .http_error(fwd, crate::metrics::TLS_HANDSHAKE_TIMEOUT, 0);
             None
         }
     }
