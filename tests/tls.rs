@@ -115,6 +115,17 @@ fn https_listener_to_https_upstream() {
         let r = chat(&mut c);
         assert_eq!(r.status, 200, "after {pause} ms: {}", r.text());
     }
+    // After an idle wait (which reads into a small buffer), a head far larger than that buffer.
+    std::thread::sleep(Duration::from_millis(100));
+    let big = "v".repeat(20_000);
+    let r = c.request("GET", "/echo/big", &[("x-big", &big)], b"");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let seen = r.json()["headers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|h| h[0] == "x-big" && h[1].as_str().map(str::len) == Some(20_000));
+    assert!(seen, "the whole header reached the upstream");
     // A plain-HTTP request to the TLS port gets no answer, and the listener keeps serving.
     let mut plain = Client::connect(proxy.port);
     plain.send(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n");
