@@ -221,9 +221,12 @@ pub fn serve(cfg: Config, egress: Egress) -> Result<ExitCode, String> {
     let admin = admin::spawn(cfg.clone(), control.merged(), health.clone())
         .map_err(|e| format!("admin: cannot listen on {}: {e}", cfg.admin.listen))?;
     tracing::info!(listen = %admin.local_addr(), "admin listening");
+    let egress_updates = crate::upstream::dns::spawn(cfg.clone(), egress.clone(), shards)
+        .map_err(|e| format!("cannot start the DNS refresher: {e}"))?;
     let shared = Arc::new(Shared {
         config: cfg.clone(),
         egress: Arc::new(egress),
+        egress_updates,
         draining: AtomicBool::new(false),
         health: health.clone(),
         stats_tx: control.sender(),

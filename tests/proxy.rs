@@ -956,3 +956,30 @@ fn keep_alive_idle_timeout_closes_an_idle_connection_and_restarts_with_each_requ
     let waited = quiet.elapsed();
     assert!(waited >= Duration::from_millis(900), "{waited:?}");
 }
+
+#[test]
+fn host_names_are_resolved_again_while_serving() {
+    // `runtime.dns_refresh: 1`: the refresher looks `localhost` up again every second, off the
+    // shards; the proxy keeps serving through it. (A name whose addresses change is covered by
+    // the unit tests of `upstream::dns`, which inject the resolver.)
+    let mock = Mock::start(&[]);
+    let yaml = config_with_url(&format!("http://localhost:{}/v1", mock.port()), "", "", "")
+        + "runtime:\n  dns_refresh: 1\n";
+    let proxy = Proxy::start(&yaml, &["--shards", "2", "--log-level", "debug"]);
+    assert_eq!(proxy.get("/v1/models").status, 200);
+    let refreshed = eventually(Duration::from_secs(5), || {
+        proxy
+            .log_text()
+            .contains("host names resolved again, unchanged")
+    });
+    assert!(refreshed, "{}", proxy.log_text());
+    for _ in 0..4 {
+        assert_eq!(proxy.get("/v1/models").status, 200);
+    }
+    // With only literal addresses there is nothing to look up: no refresher runs.
+    let literal_yaml = config(mock.port(), "", "", "") + "runtime:\n  dns_refresh: 1\n";
+    let literal = Proxy::start(&literal_yaml, &["--log-level", "debug"]);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(literal.get("/v1/models").status, 200);
+    assert!(!literal.log_text().contains("resolved again"));
+}

@@ -101,6 +101,9 @@ pub const SHARDS_RANGE: (u64, u64) = (0, 1024);
 /// `runtime.tick_ms` (ms, 5–10000).
 pub const TICK_MS: u64 = 50;
 pub const TICK_RANGE: (u64, u64) = (5, 10_000);
+/// `runtime.dns_refresh` (s, 0 = resolve only at start, 0–86400).
+pub const DNS_REFRESH_S: u64 = 30;
+pub const DNS_REFRESH_RANGE: (u64, u64) = (0, 86_400);
 /// `runtime.shutdown_timeout` (s, 1–3600).
 pub const SHUTDOWN_TIMEOUT_S: u64 = 30;
 pub const SHUTDOWN_TIMEOUT_RANGE: (u64, u64) = (1, 3600);

@@ -378,6 +378,9 @@ pub struct Runtime {
     pub tick: Duration,
     /// `shutdown_timeout` (s, default 30, 1–3600): drain time on SIGTERM/SIGINT.
     pub shutdown_timeout: Duration,
+    /// `dns_refresh` (s, default 30, 0–86400; 0 = never): how often upstream and outbound proxy
+    /// host names are resolved again, off the shards.
+    pub dns_refresh: Duration,
 }
 
 impl Dialect {

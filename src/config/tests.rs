@@ -202,7 +202,8 @@ fn minimal_config_gets_defaults() {
             shards: 0,
             driver: Driver::Auto,
             tick: Duration::from_millis(50),
-            shutdown_timeout: Duration::from_secs(30)
+            shutdown_timeout: Duration::from_secs(30),
+            dns_refresh: Duration::from_secs(30),
         }
     );
     assert_eq!(c.upstreams[0].host_header, "127.0.0.1:8001");

@@ -77,7 +77,13 @@ const CLIENT_TIMEOUT_KEYS: &[&str] = &["connect", "request", "first_byte", "stre
 const POOL_KEYS: &[&str] = &["max_idle"];
 const RETRY_KEYS: &[&str] = &["enabled", "attempts", "initial", "max_body_bytes"];
 const PROXY_KEYS: &[&str] = &["enabled", "url"];
-pub(super) const RUNTIME_KEYS: &[&str] = &["shards", "driver", "tick_ms", "shutdown_timeout"];
+pub(super) const RUNTIME_KEYS: &[&str] = &[
+    "shards",
+    "driver",
+    "tick_ms",
+    "shutdown_timeout",
+    "dns_refresh",
+];
 
 /// Every key list, so a test can check that `config.default.yaml` documents each key.
 #[cfg(test)]
@@ -1239,6 +1245,12 @@ pub(super) fn runtime(ctx: &mut Ctx, r: Option<&Obj>) -> Runtime {
             "shutdown_timeout",
             d::SHUTDOWN_TIMEOUT_S,
             d::SHUTDOWN_TIMEOUT_RANGE,
+        )),
+        dns_refresh: secs(u(
+            ctx,
+            "dns_refresh",
+            d::DNS_REFRESH_S,
+            d::DNS_REFRESH_RANGE,
         )),
     }
 }

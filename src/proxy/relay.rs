@@ -476,7 +476,7 @@ async fn attempt(
         head_after: None,
     };
 
-    let via = ctx.egress.group_via[group_idx];
+    let via = ctx.egress.borrow().group_via[group_idx];
     // An http upstream behind an outbound proxy is sent absolute-form requests through the
     // proxy (an https one is reached through a CONNECT tunnel): only then can a 407 be the
     // proxy's.

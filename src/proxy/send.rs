@@ -121,9 +121,12 @@ pub enum SendError {
 pub async fn connect(ctx: &ShardCtx, uidx: usize, group_idx: usize) -> Result<UpConn, Failure> {
     let group = &ctx.config.groups[group_idx];
     let upstream = &ctx.config.upstreams[uidx];
-    let via = ctx.egress.group_via[group_idx];
+    // A handle on the table, not a borrow: the refresher's next table may be adopted while
+    // this connection is being made.
+    let egress = ctx.egress.borrow().clone();
+    let via = egress.group_via[group_idx];
     let err = match open(
-        &ctx.egress,
+        &egress,
         uidx,
         upstream,
         via,
@@ -135,7 +138,7 @@ pub async fn connect(ctx: &ShardCtx, uidx: usize, group_idx: usize) -> Result<Up
         Ok(c) => return Ok(c),
         Err(e) => e,
     };
-    let proxy = ctx.egress.proxy(via).map(|p| p.proxy.display_url.as_str());
+    let proxy = egress.proxy(via).map(|p| p.proxy.display_url.as_str());
     let reply = match &err {
         ConnectError::Timeout => errors::UPSTREAM_TIMEOUT,
         ConnectError::Io(e) => {

@@ -51,6 +51,11 @@ pub async fn serve(
     let stop = StopSignal::new();
     let health = ctx.health.clone();
     let snapshots = shared.snapshots.get(ctx.id).cloned();
+    let egress_updates = shared
+        .egress_updates
+        .as_ref()
+        .and_then(|rx| rx.get(ctx.id).cloned());
+    let tick_ctx = ctx.clone();
     let ticker = monoio::spawn(run_ticker_with(
         ctx.stats.clone(),
         shared.stats_tx.clone(),
@@ -59,6 +64,9 @@ pub async fn serve(
         move || {
             if let Some(rx) = &snapshots {
                 health.poll(rx);
+            }
+            if let Some(next) = egress_updates.as_ref().and_then(|rx| rx.try_recv().ok()) {
+                *tick_ctx.egress.borrow_mut() = Rc::new((*next).clone());
             }
         },
     ));

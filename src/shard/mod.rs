@@ -6,7 +6,7 @@
 pub mod listener;
 pub mod signal;
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::net::IpAddr;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -39,6 +39,8 @@ pub struct Shared {
     pub health: Arc<Health>,
     /// Where shards send their stats deltas (the control thread).
     pub stats_tx: crossbeam::channel::Sender<StatsDelta>,
+    /// Per shard id: where the DNS refresher sends new addresses (none when it does not run).
+    pub egress_updates: Option<Vec<crossbeam::channel::Receiver<Arc<Egress>>>>,
     /// Per shard id: where the control thread publishes the newest global snapshot.
     pub snapshots: Vec<crossbeam::channel::Receiver<Arc<Snapshot>>>,
     /// Rate limits (lock-free tables shared by every shard; only enabled limits touch them).
@@ -49,7 +51,9 @@ pub struct Shared {
 pub struct ShardCtx {
     pub id: usize,
     pub config: Arc<Config>,
-    pub egress: Arc<Egress>,
+    /// How groups reach their upstreams; replaced when the DNS refresher sends new addresses
+    /// (adopted on the stats tick; pooled connections are not touched).
+    pub egress: RefCell<Rc<Egress>>,
     pub pool: Pool,
     pub stats: Rc<ShardStats>,
     pub limits: Arc<Limits>,
@@ -114,7 +118,7 @@ impl ShardCtx {
                     })
                 })
                 .collect(),
-            egress: shared.egress.clone(),
+            egress: RefCell::new(Rc::new((*shared.egress).clone())),
             health: Rc::new(ShardHealth::new(
                 id,
                 &config,

@@ -89,6 +89,7 @@ pub(crate) fn test_config() -> Config {
             driver: Driver::Auto,
             tick: Duration::from_millis(20),
             shutdown_timeout: Duration::from_secs(30),
+            dns_refresh: Duration::from_secs(30),
         },
         dialect: Dialect::LlmProxy,
         warnings: Vec::new(),

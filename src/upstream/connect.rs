@@ -129,7 +129,7 @@ impl Egress {
     }
 }
 
-fn resolve(host: &str, port: u16) -> Result<Box<[SocketAddr]>, String> {
+pub(super) fn resolve(host: &str, port: u16) -> Result<Box<[SocketAddr]>, String> {
     let found = (host, port)
         .to_socket_addrs()
         .map_err(|e| format!("cannot resolve host `{host}`: {e}"))?;

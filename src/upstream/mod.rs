@@ -2,6 +2,7 @@
 //! TLS), and the per-shard keep-alive pool.
 
 pub mod connect;
+pub mod dns;
 pub mod pool;
 pub mod request;
 
