@@ -86,14 +86,6 @@ fn echoed(r: &Response) -> serde_json::Value {
     r.json()
 }
 
-fn header<'a>(echo: &'a serde_json::Value, name: &str) -> Option<&'a str> {
-    echo["headers"]
-        .as_array()?
-        .iter()
-        .find(|h| h[0].as_str() == Some(name))
-        .and_then(|h| h[1].as_str())
-}
-
 #[test]
 fn a_go_config_serves_with_the_go_url_rule() {
     let mock = Mock::start(&[]);
@@ -177,7 +169,10 @@ upstreamGroups:
         b"",
     ));
     assert_eq!(e["path"], "/echo/fixed?api-version=2024-02-01");
-    assert_eq!(header(&e, "authorization"), Some("Bearer sk-go-test"));
+    assert_eq!(
+        echoed_header(&e, "authorization"),
+        Some("Bearer sk-go-test")
+    );
 
     // Path from the URL, the client's query kept.
     let e = echoed(&request(p2, "GET", "/v1/models?limit=3", &[], b""));
@@ -186,7 +181,7 @@ upstreamGroups:
     // No path in the URL: the client's path and query.
     let e = echoed(&request(p3, "GET", "/echo/abc?q=2", &[], b""));
     assert_eq!(e["path"], "/echo/abc?q=2");
-    assert_eq!(header(&e, "x-team"), Some("ml"));
+    assert_eq!(echoed_header(&e, "x-team"), Some("ml"));
     // perSecond 1, burst 2: the second request passes, the third is refused.
     assert_eq!(request(p3, "GET", "/echo/b", &[], b"").status, 200);
     let r = request(p3, "GET", "/echo/c", &[], b"");

@@ -353,6 +353,16 @@ impl Response {
     }
 }
 
+/// The first value of header `name` (as sent) that the mock's `/echo` answer `echo` says it
+/// received.
+pub fn echoed_header<'a>(echo: &'a serde_json::Value, name: &str) -> Option<&'a str> {
+    echo["headers"]
+        .as_array()?
+        .iter()
+        .find(|h| h[0].as_str() == Some(name))
+        .and_then(|h| h[1].as_str())
+}
+
 /// A raw client connection (plain, or TLS when made by [`Client::connect_tls`]).
 pub struct Client {
     pub stream: TcpStream,
