@@ -325,24 +325,25 @@ pub fn lock_merged(m: &Mutex<Merged>) -> MutexGuard<'_, Merged> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// One shard's snapshot channel (`bounded(1)`): the control thread keeps a receiver clone to
-/// drain a snapshot the shard has not picked up, so the slot always holds the newest.
-struct SnapshotChannel {
-    tx: Sender<Arc<Snapshot>>,
-    rx: Receiver<Arc<Snapshot>>,
+/// One shard's channel for the newest of something (`bounded(1)`: the control thread's
+/// snapshots, the DNS refresher's address tables). The one sender keeps a receiver clone to
+/// drain a value the shard has not picked up, so the slot always holds the newest.
+pub(crate) struct SnapshotChannel<T = Arc<Snapshot>> {
+    tx: Sender<T>,
+    pub(crate) rx: Receiver<T>,
 }
 
-impl SnapshotChannel {
-    fn new() -> Self {
+impl<T: Clone> SnapshotChannel<T> {
+    pub(crate) fn new() -> Self {
         let (tx, rx) = crossbeam::channel::bounded(1);
         SnapshotChannel { tx, rx }
     }
 
-    /// Replaces whatever waits in the slot with `snap`; never blocks.
-    fn publish(&self, snap: &Arc<Snapshot>) {
+    /// Replaces whatever waits in the slot with `value`; never blocks.
+    pub(crate) fn publish(&self, value: &T) {
         while self.rx.try_recv().is_ok() {}
         // Only this thread sends, and the slot was just emptied: this cannot be Full.
-        let _ = self.tx.try_send(snap.clone());
+        let _ = self.tx.try_send(value.clone());
     }
 }
 

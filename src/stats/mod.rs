@@ -5,6 +5,7 @@ mod control;
 mod delta;
 mod shard;
 
+pub(crate) use control::SnapshotChannel;
 pub use control::{
     lock_merged, spawn, BreakerStatus, ControlHandle, ForwardTotals, Merged, ShardProgress,
     UpstreamTotals,

@@ -1,9 +1,8 @@
 //! Resolving host names again while running (a thread of its own, never a shard). Every
 //! `runtime.dns_refresh` the upstreams' and outbound proxies' names are looked up again (the
 //! system resolver, blocking, here only); when a name's set of addresses changed, a new
-//! [`Egress`] goes to every shard through its own `bounded(1)` channel (the stale one drained
-//! first, as the control thread does with snapshots), and the shard adopts it on its next stats
-//! tick. New connections then use the new addresses; pooled ones stay until they close. A name
+//! [`Egress`] goes to every shard through its own [`SnapshotChannel`] (as the control thread's
+//! snapshots do), and the shard adopts it on its next stats tick. New connections then use the new addresses; pooled ones stay until they close. A name
 //! that does not resolve keeps its addresses (and is logged once per failure streak); one whose
 //! addresses only came back in another order keeps its order.
 
@@ -12,10 +11,11 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crossbeam::channel::{bounded, Receiver, Sender};
+use crossbeam::channel::Receiver;
 
 use super::connect::{resolve, Egress};
 use crate::config::Config;
+use crate::stats::SnapshotChannel;
 
 /// A resolver: host and port to addresses in the order connections try them.
 pub type Resolve<'a> = dyn Fn(&str, u16) -> Result<Box<[SocketAddr]>, String> + 'a;
@@ -108,20 +108,20 @@ pub fn spawn(
     if every.is_zero() || !has_names(&cfg, &egress) {
         return Ok(None);
     }
-    let (txs, rxs): (Vec<Sender<_>>, Vec<Receiver<_>>) = (0..shards).map(|_| bounded(1)).unzip();
-    let drains = rxs.clone();
+    let slots: Vec<SnapshotChannel<Arc<Egress>>> =
+        (0..shards).map(|_| SnapshotChannel::new()).collect();
+    let rxs = slots.iter().map(|c| c.rx.clone()).collect();
     std::thread::Builder::new()
         .name("llmproxy-dns".into())
-        .spawn(move || run(&cfg, egress, every, &txs, &drains, &resolve))?;
+        .spawn(move || run(&cfg, Arc::new(egress), every, &slots, &resolve))?;
     Ok(Some(rxs))
 }
 
 fn run(
     cfg: &Config,
-    mut current: Egress,
+    mut current: Arc<Egress>,
     every: Duration,
-    txs: &[Sender<Arc<Egress>>],
-    drains: &[Receiver<Arc<Egress>>],
+    slots: &[SnapshotChannel<Arc<Egress>>],
     resolve: &Resolve<'_>,
 ) {
     let mut failing: HashSet<String> = HashSet::new();
@@ -145,14 +145,10 @@ fn run(
         for line in &r.changed {
             tracing::info!("upstream addresses changed: {line}");
         }
-        let next = Arc::new(next);
-        for (tx, rx) in txs.iter().zip(drains) {
-            while rx.try_recv().is_ok() {}
-            // Only this thread sends, and the slot was just emptied: it cannot be full. A
-            // shard that has exited has no receiver left to care.
-            let _ = tx.try_send(next.clone());
+        current = Arc::new(next);
+        for slot in slots {
+            slot.publish(&current);
         }
-        current = (*next).clone();
     }
 }
 
