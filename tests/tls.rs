@@ -536,3 +536,30 @@ fn a_tls_client_that_leaves_is_noticed_while_the_model_thinks() {
         assert!(left.elapsed() < Duration::from_millis(1500));
     }
 }
+
+#[test]
+fn an_https_keep_alive_connection_gets_its_full_idle_time_after_every_request() {
+    // `forwards[].timeout.idle: 1` over TLS: each request restarts the second of idle time,
+    // also when it arrives after the connection has given its buffers back (the idle wait's
+    // small read then already holds the start of the request).
+    let pki = Pki::new("test CA");
+    let mock = Mock::start(&[]);
+    let fwd = format!("{}\n      timeout:\n        idle: 1", serve_tls(&pki));
+    let url = format!("http://127.0.0.1:{}", mock.port());
+    let proxy = Proxy::start(&config_with_url(&url, &fwd, "", ""), &["--shards", "1"]);
+    let mut c = Client::connect_tls(proxy.port, pki.client_config());
+    assert_eq!(c.request("GET", "/echo/a", &[], b"").status, 200);
+    for i in 0..3 {
+        std::thread::sleep(Duration::from_millis(600));
+        let r = c.request("GET", "/echo/b", &[], b"");
+        assert_eq!(r.status, 200, "request {i}");
+        assert!(!r.closed);
+    }
+    let quiet = std::time::Instant::now();
+    assert!(
+        !c.is_closed(Duration::from_millis(700)),
+        "closed before the idle timeout"
+    );
+    assert!(c.is_closed(Duration::from_secs(3)), "never closed");
+    assert!(quiet.elapsed() >= Duration::from_millis(900));
+}

@@ -313,11 +313,14 @@ pub async fn serve_conn(ctx: Rc<ShardCtx>, fwd: usize, stream: TcpStream, peer: 
             break;
         };
         d.shed(&ctx.spares);
-        match wait_idle(&ctx, &mut d, idle_at).await {
-            Some(got) => d.equip(&ctx.spares, &got),
-            None => break,
-        }
-        conn.idle_at = Some(idle_at);
+        let Some(got) = wait_idle(&ctx, &mut d, idle_at).await else {
+            break;
+        };
+        // Woken by readiness alone (plain TCP), the wait for the first byte resumes with its
+        // deadline; bytes already read (TLS) start the request, and the next idle wait gets a
+        // deadline of its own.
+        conn.idle_at = got.is_empty().then_some(idle_at);
+        d.equip(&ctx.spares, &got);
     }
     Box::pin(close(&mut d)).await;
     ctx.active.set(ctx.active.get() - 1);
