@@ -270,8 +270,6 @@ struct AdminHeadDecoder {
     /// The proxy's incremental end-of-head search: a head trickled in byte by byte costs linear
     /// work, where monoio-http's own search restarts from the front on every read.
     scanner: HeadScanner,
-    /// The buffer's first `lf_checked` bytes are known to hold no bare LF.
-    lf_checked: usize,
     /// Part of a head is buffered: a timeout now answers 408 instead of closing quietly.
     /// Tracked here because `FramedRead` hands its buffer to the read a timeout cancels.
     started: bool,
@@ -285,25 +283,22 @@ impl AdminHeadDecoder {
         while src.starts_with(b"\r\n") {
             src.advance(2);
             self.scanner.reset();
-            self.lf_checked = 0;
         }
         let end = self
             .scanner
             .find_end(src)
             .map_err(|_| HeadError::Malformed("line ends must be CRLF".into()))?;
-        let head_len = end.unwrap_or(src.len());
-        if head_len > MAX_HEAD_BYTES {
+        // An unfinished head was checked for bare LFs by the scanner; a complete one is
+        // checked whole here, after its size (as the proxy's own head parser does).
+        if end.unwrap_or(src.len()) > MAX_HEAD_BYTES {
             return Err(HeadError::TooLarge);
         }
-        let from = self.lf_checked;
-        self.lf_checked = head_len;
-        if (from..head_len).any(|i| src[i] == b'\n' && (i == 0 || src[i - 1] != b'\r')) {
+        let Some(end) = end else {
+            return Ok(Decoded::Insufficient);
+        };
+        if crate::http::scan::has_bare_lf(&src[..end]) {
             return Err(HeadError::Malformed("line ends must be CRLF".into()));
         }
-        if end.is_none() {
-            return Ok(Decoded::Insufficient);
-        }
-        self.lf_checked = 0;
         let before = src.len();
         match self.inner.decode(src) {
             Ok(Decoded::Some(head)) => Ok(Decoded::Some(head)),

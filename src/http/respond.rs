@@ -58,12 +58,18 @@ pub fn encode_response_head(
         BodyOut::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
         BodyOut::Close => {}
     }
-    if !keep_alive || body == BodyOut::Close {
+    put_connection(out, keep_alive && body != BodyOut::Close, client);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The `Connection` field the proxy's answers carry: `close` when the connection ends after
+/// them, `keep-alive` for an HTTP/1.0 client it keeps (which would close otherwise), none else.
+fn put_connection(out: &mut BytesMut, keep_alive: bool, client: Version) {
+    if !keep_alive {
         out.extend_from_slice(b"connection: close\r\n");
     } else if client == Version::HTTP_10 {
         out.extend_from_slice(b"connection: keep-alive\r\n");
     }
-    out.extend_from_slice(b"\r\n");
 }
 
 /// Appends `n` in decimal (no allocation).
@@ -112,8 +118,15 @@ impl ErrorReply {
     }
 }
 
-/// Appends a complete error response (head and JSON body).
-pub fn encode_error(out: &mut BytesMut, e: &ErrorReply, keep_alive: bool, extra: &[(&str, &str)]) {
+/// Appends a complete error response (head and JSON body); `client` as for
+/// [`encode_response_head`].
+pub fn encode_error(
+    out: &mut BytesMut,
+    e: &ErrorReply,
+    keep_alive: bool,
+    client: Version,
+    extra: &[(&str, &str)],
+) {
     let body = format!(
         "{{\"error\":{{\"message\":{},\"type\":\"{}\",\"code\":\"{}\"}}}}\n",
         json_string(e.message),
@@ -133,9 +146,7 @@ pub fn encode_error(out: &mut BytesMut, e: &ErrorReply, keep_alive: bool, extra:
         out.extend_from_slice(v.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
-    if !keep_alive {
-        out.extend_from_slice(b"connection: close\r\n");
-    }
+    put_connection(out, keep_alive, client);
     out.extend_from_slice(b"\r\n");
     out.extend_from_slice(body.as_bytes());
 }
@@ -286,7 +297,13 @@ mod tests {
     #[test]
     fn error_body_is_openai_shaped_json() {
         let mut out = BytesMut::new();
-        encode_error(&mut out, &errors::UPSTREAM_TIMEOUT, false, &[]);
+        encode_error(
+            &mut out,
+            &errors::UPSTREAM_TIMEOUT,
+            false,
+            Version::HTTP_11,
+            &[],
+        );
         let text = String::from_utf8(out.to_vec()).unwrap();
         let (head, body) = text.split_once("\r\n\r\n").unwrap();
         assert!(head.starts_with("HTTP/1.1 504 Gateway Timeout\r\n"));

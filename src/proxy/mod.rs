@@ -250,8 +250,9 @@ impl ClientOut {
     }
 
     /// Answers an error the proxy produced itself.
-    pub async fn reply_error(&mut self, e: &ErrorReply, keep_alive: bool, limit: Duration) {
-        self.reply_error_with(e, keep_alive, limit, &[]).await;
+    pub async fn reply_error(&mut self, e: &ErrorReply, limit: Duration) {
+        self.reply_error_with(e, false, http::Version::HTTP_11, limit, &[])
+            .await;
     }
 
     /// [`reply_error`](Self::reply_error) with extra header fields.
@@ -259,11 +260,12 @@ impl ClientOut {
         &mut self,
         e: &ErrorReply,
         keep_alive: bool,
+        client: http::Version,
         limit: Duration,
         extra: &[(&str, &str)],
     ) {
         self.wbuf.clear();
-        encode_error(&mut self.wbuf, e, keep_alive, extra);
+        encode_error(&mut self.wbuf, e, keep_alive, client, extra);
         self.linger = !keep_alive;
         let _ = self.flush(limit).await;
     }
@@ -390,7 +392,7 @@ async fn serve_requests(
                     reply.status.as_u16(),
                     Duration::ZERO,
                 );
-                d.out.reply_error(&reply, false, forward.idle_timeout).await;
+                d.out.reply_error(&reply, forward.idle_timeout).await;
                 return None;
             }
         };
@@ -429,7 +431,7 @@ enum Stop {
 
 /// `ECANCELED`: what a cancelled read returns (plain TCP and TLS alike, see `tls::stream`).
 fn is_cancelled(e: &io::Error) -> bool {
-    e.raw_os_error() == Some(125)
+    e.raw_os_error() == Some(crate::tls::stream::ECANCELED)
 }
 
 /// Waits for the next request head.

@@ -65,7 +65,7 @@ pub(super) async fn exchange(
             ctx.stats
                 .http_request(fwd, method, path, reply.status.as_u16(), elapsed);
             // After a failure the request body may be half read: close to stay in sync.
-            d.out.reply_error(&reply, false, send_limit).await;
+            d.out.reply_error(&reply, send_limit).await;
             After::Close
         }
         Err((Failure::Upstream(reply, _), Sent::Head(status))) => {
@@ -83,15 +83,14 @@ pub(super) async fn exchange(
                 && req.framing == crate::http::body::Framing::Empty
                 && !ctx.drain.fired();
             let secs = secs.max(1).to_string();
-            let retry_after = ("retry-after", secs.as_str());
-            // An HTTP/1.0 client closes after an answer that does not say keep-alive.
-            let extra: &[(&str, &str)] = if keep && req.version == http::Version::HTTP_10 {
-                &[retry_after, ("connection", "keep-alive")]
-            } else {
-                &[retry_after]
-            };
             d.out
-                .reply_error_with(&reply, keep, send_limit, extra)
+                .reply_error_with(
+                    &reply,
+                    keep,
+                    req.version,
+                    send_limit,
+                    &[("retry-after", secs.as_str())],
+                )
                 .await;
             if keep {
                 After::KeepAlive
@@ -477,10 +476,9 @@ async fn attempt(
     };
 
     let via = ctx.egress.borrow().group_via[group_idx];
-    // An http upstream behind an outbound proxy is sent absolute-form requests through the
-    // proxy (an https one is reached through a CONNECT tunnel): only then can a 407 be the
-    // proxy's.
-    let to_forward_proxy = via != 0 && upstream.tls.is_none();
+    // Requests sent in absolute form go to the outbound proxy itself (an https upstream is
+    // reached through a CONNECT tunnel instead): only then can a 407 be the proxy's.
+    let to_forward_proxy = ctx.head_plan(group_idx, uidx).absolute_form();
     let mut conn = match ctx.pool.take(uidx, via, client.pool_idle_timeout) {
         Some(c) => c,
         // Boxed: a new connection's future (TCP, CONNECT tunnel, TLS handshake, their timers)

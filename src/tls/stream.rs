@@ -46,7 +46,7 @@ use monoio::BufResult;
 use monoio_rustls::{ClientTlsStream, ServerTlsStream};
 
 /// `ECANCELED`, what monoio's drivers return for a cancelled operation.
-const ECANCELED: i32 = 125;
+pub(crate) const ECANCELED: i32 = libc::ECANCELED;
 
 /// A connection accepted on a forward: plain or TLS.
 pub type InboundConn = Conn<ServerTlsStream<CancelIo>>;

@@ -184,8 +184,8 @@ pub enum ConnectError {
 }
 
 /// Opens a connection to upstream `up` the way `via` says, within `client.connect_timeout`.
-/// An HTTPS upstream is reached with `connector` (the shard's), or one made from the shared
-/// config when there is none.
+/// An HTTPS upstream is reached with `connector`, the shard's own (`ShardCtx::connectors`, made
+/// for every upstream with `tls`).
 pub async fn open(
     egress: &Egress,
     uidx: usize,
@@ -231,13 +231,12 @@ async fn open_inner(
             .await
             .map_err(ConnectError::Proxy)?;
     }
-    let shared;
-    let connector = match connector {
-        Some(c) => c,
-        None => {
-            shared = monoio_rustls::TlsConnector::from(tls.config.clone());
-            &shared
-        }
+    let Some(connector) = connector else {
+        // Never sent plain to an https upstream.
+        return Err(ConnectError::Tls {
+            certificate: false,
+            reason: "no TLS connector for this upstream".into(),
+        });
     };
     match OutboundConn::connect_tls(connector, tls.server_name.clone(), tcp).await {
         Ok(c) => Ok(UpConn::new(c)),

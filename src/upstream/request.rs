@@ -65,6 +65,12 @@ enum Segment {
 }
 
 impl HeadPlan {
+    /// Requests go to an outbound proxy in absolute form (an http upstream behind the group's
+    /// proxy).
+    pub fn absolute_form(&self) -> bool {
+        !self.absolute.is_empty()
+    }
+
     /// `proxy`: the outbound proxy this upstream's requests are sent to in absolute form (an
     /// http upstream of a group with a proxy; an https one is tunnelled and gets `None`).
     pub fn new(upstream: &Upstream, agent: &HeaderValue, proxy: Option<&Proxy>) -> HeadPlan {
