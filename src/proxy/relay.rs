@@ -161,8 +161,7 @@ impl RetryBudget<'_> {
             u != uidx
                 && (all_tried || !tried.contains(&u))
                 && !held(self.holds, u, now)
-                && ctx.health.is_available(u, now)
-                && ctx.limits.upstream_would_admit(u, now)
+                && ctx.available_at(u, now)
         })
     }
 }

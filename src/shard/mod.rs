@@ -207,10 +207,16 @@ impl ShardCtx {
     }
 }
 
+impl ShardCtx {
+    /// May `upstream` be picked at `now`: its breaker admits calls and its rate limit has room.
+    pub fn available_at(&self, upstream: usize, now: Instant) -> bool {
+        self.health.is_available(upstream, now) && self.limits.upstream_would_admit(upstream, now)
+    }
+}
+
 impl UpstreamView for ShardCtx {
     fn available(&self, upstream: usize) -> bool {
-        let now = Instant::now();
-        self.health.is_available(upstream, now) && self.limits.upstream_would_admit(upstream, now)
+        self.available_at(upstream, Instant::now())
     }
 
     fn in_flight(&self, upstream: usize) -> u32 {
