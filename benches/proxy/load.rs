@@ -491,33 +491,19 @@ pub struct Hold {
 /// Connections opened at once per thread while building up.
 const OPEN_WAVE: usize = 64;
 
-/// Opens `n` connections on this thread, one request on each (so each is an established
-/// keep-alive connection the server has served), keeps them idle until released, then sends a
-/// second request on each to show they were still alive.
-pub async fn hold_idle(dest: Dest, req: Rc<Vec<u8>>, n: usize, hold: Arc<Hold>) -> Problems {
-    let mut problems = Problems::default();
+/// Opens `n` connections on this thread, [`OPEN_WAVE`] at a time, each with `open` (which also
+/// brings it to the state to hold), counting each in `hold.ready` or `hold.failed`.
+async fn open_in_waves<F, Fut>(n: usize, hold: &Hold, problems: &mut Problems, open: F) -> Vec<Conn>
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = io::Result<Conn>> + 'static,
+{
     let mut conns: Vec<Conn> = Vec::with_capacity(n);
     let mut left = n;
     while left > 0 {
         let wave = left.min(OPEN_WAVE);
         left -= wave;
-        let handles: Vec<_> = (0..wave)
-            .map(|_| {
-                let req = req.clone();
-                let dest = dest.clone();
-                monoio::spawn(async move {
-                    let mut c = within(Conn::connect_small(&dest)).await?;
-                    let r = within(c.request(&req)).await?;
-                    if r.status != 200 || r.close {
-                        return Err(io::Error::other(format!(
-                            "status {} close {}",
-                            r.status, r.close
-                        )));
-                    }
-                    Ok(c)
-                })
-            })
-            .collect();
+        let handles: Vec<_> = (0..wave).map(|_| monoio::spawn(open())).collect();
         for h in handles {
             match h.await {
                 Ok(c) => {
@@ -531,9 +517,37 @@ pub async fn hold_idle(dest: Dest, req: Rc<Vec<u8>>, n: usize, hold: Arc<Hold>) 
             }
         }
     }
+    conns
+}
+
+async fn until_released(hold: &Hold) {
     while !hold.release.load(Ordering::SeqCst) {
         monoio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+/// Opens `n` connections on this thread, one request on each (so each is an established
+/// keep-alive connection the server has served), keeps them idle until released, then sends a
+/// second request on each to show they were still alive.
+pub async fn hold_idle(dest: Dest, req: Rc<Vec<u8>>, n: usize, hold: Arc<Hold>) -> Problems {
+    let mut problems = Problems::default();
+    let mut conns = open_in_waves(n, &hold, &mut problems, || {
+        let req = req.clone();
+        let dest = dest.clone();
+        async move {
+            let mut c = within(Conn::connect_small(&dest)).await?;
+            let r = within(c.request(&req)).await?;
+            if r.status != 200 || r.close {
+                return Err(io::Error::other(format!(
+                    "status {} close {}",
+                    r.status, r.close
+                )));
+            }
+            Ok(c)
+        }
+    })
+    .await;
+    until_released(&hold).await;
     while !conns.is_empty() {
         let wave: Vec<Conn> = conns.drain(..conns.len().min(OPEN_WAVE)).collect();
         let handles: Vec<_> = wave
@@ -560,39 +574,18 @@ pub async fn hold_idle(dest: Dest, req: Rc<Vec<u8>>, n: usize, hold: Arc<Hold>) 
 /// keeps them open until released, then closes them (the client goes away mid-stream).
 pub async fn hold_sse(dest: Dest, req: Rc<Vec<u8>>, n: usize, hold: Arc<Hold>) -> Problems {
     let mut problems = Problems::default();
-    let mut conns: Vec<Conn> = Vec::with_capacity(n);
-    let mut left = n;
-    while left > 0 {
-        let wave = left.min(OPEN_WAVE);
-        left -= wave;
-        let handles: Vec<_> = (0..wave)
-            .map(|_| {
-                let req = req.clone();
-                let dest = dest.clone();
-                monoio::spawn(async move {
-                    let mut c = within(Conn::connect_small(&dest)).await?;
-                    c.send(&req).await?;
-                    within(c.read_first_event()).await?;
-                    Ok::<_, io::Error>(c)
-                })
-            })
-            .collect();
-        for h in handles {
-            match h.await {
-                Ok(c) => {
-                    conns.push(c);
-                    hold.ready.fetch_add(1, Ordering::SeqCst);
-                }
-                Err(e) => {
-                    problems.error(&e);
-                    hold.failed.fetch_add(1, Ordering::SeqCst);
-                }
-            }
+    let conns = open_in_waves(n, &hold, &mut problems, || {
+        let req = req.clone();
+        let dest = dest.clone();
+        async move {
+            let mut c = within(Conn::connect_small(&dest)).await?;
+            c.send(&req).await?;
+            within(c.read_first_event()).await?;
+            Ok::<_, io::Error>(c)
         }
-    }
-    while !hold.release.load(Ordering::SeqCst) {
-        monoio::time::sleep(Duration::from_millis(5)).await;
-    }
+    })
+    .await;
+    until_released(&hold).await;
     drop(conns);
     problems
 }

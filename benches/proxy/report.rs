@@ -966,11 +966,13 @@ fn panels(scen: &[Value]) -> Vec<Panel> {
         let short_title = panel_title(title.split(':').next().unwrap_or(&title));
         let tname = |r: &Value| r["target"].as_str().unwrap_or("?").to_string();
         if runs.iter().any(|r| r.get("kib_per").is_some()) {
-            let lim = if s["id"] == "d_idle_conns" { 8.0 } else { 32.0 };
+            // The targets: 8 KiB per idle connection (plain or TLS), 32 KiB per stream.
+            let streams = runs.iter().any(|r| r["held_what"] == "streams");
+            let lim = if streams { 32.0 } else { 8.0 };
             ps.push(Panel {
                 title: format!(
                     "{title}: RSS per {}",
-                    if lim == 8.0 { "connection" } else { "stream" }
+                    if streams { "stream" } else { "connection" }
                 ),
                 unit: "KiB",
                 groups: vec![(

@@ -187,6 +187,8 @@ pub fn self_test() {
     assert_eq!(rr.problems.errors, 0, "{:?}", rr.problems);
     assert_eq!(rr.problems.non_2xx_total(), 0, "{:?}", rr.problems);
     assert_eq!(rr.opened_in_window, 0, "handshakes inside the window");
+    let stat = |s: &serde_json::Value, k: &str| s[k].as_u64().unwrap_or(0);
+    let before = mock.stats();
     let t0 = now_ns() + 50 * ms;
     let w = Window {
         t0,
@@ -208,11 +210,20 @@ pub fn self_test() {
     .unwrap();
     assert!(churn.conns > 0, "new TLS connections");
     assert_eq!(churn.problems.errors, 0, "{:?}", churn.problems);
-    let accepted = mock.stats()["connections_accepted"].as_u64().unwrap_or(0);
+    let after = mock.stats();
+    let accepted = stat(&after, "connections_accepted") - stat(&before, "connections_accepted");
+    let requests = stat(&after, "requests") - stat(&before, "requests");
+    // One connection per churned request, plus the connection of the second stats query (the
+    // mock's own `/_mock/` endpoints are not counted as requests).
     assert!(
-        accepted > churn.conns,
-        "each churned request had its own connection ({accepted} accepted, {} measured)",
+        requests >= churn.conns,
+        "{requests} requests, {} measured",
         churn.conns
+    );
+    assert_eq!(
+        accepted,
+        requests + 1,
+        "each churned request had its own connection ({accepted} accepted, {requests} requests)"
     );
     drop(mock);
     let _ = std::fs::remove_dir_all(&dir);
